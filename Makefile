@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine (Python 3.11+, Node 20 with npm):
+#   make demo   - local Azurite + stand-in A1111 + the worker over sample jobs; images land in ./out
+#   make test   - the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: setup
+	$(PY) -m sidecar demo
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check sidecar a1111 tests
+	$(PY) -m mypy
+
+bench: setup
+	$(PY) -m sidecar bench
+
+clean:
+	rm -rf $(VENV) node_modules out bench-report .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,133 @@
+"""The A1111 client: readiness, txt2img and interrupt over an injected httpx.AsyncClient.
+
+A1111 answers its GET endpoints while the model is still loading in a background thread, so only a
+small warm-up txt2img proves it usable. txt2img calls are served one at a time behind A1111's queue
+lock, and a client that gives up does not cancel the generation: a deadline is followed by
+``POST /sdapi/v1/interrupt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from sidecar.errors import A1111Rejected, A1111ServerError, A1111Timeout, A1111Unavailable
+
+log = logging.getLogger(__name__)
+
+WARM_UP = {
+    "prompt": "warm-up",
+    "steps": 1,
+    "width": 64,
+    "height": 64,
+    "batch_size": 1,
+    "n_iter": 1,
+    "send_images": False,
+    "save_images": False,
+}
+
+
+@dataclass
+class Generation:
+    """What A1111 returned for one job: base64 images (decoded later, off the generation path)."""
+
+    images: list[str]
+    info: dict[str, Any]
+    started: float
+    finished: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def seeds(self) -> list[int]:
+        seeds = self.info.get("all_seeds")
+        if isinstance(seeds, list):
+            return [int(s) for s in seeds if isinstance(s, int)]
+        seed = self.info.get("seed")
+        return [seed] if isinstance(seed, int) else []
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """A1111's error shape is {"error", "detail", "body", "errors"}; FastAPI's 422 is {"detail": [...]}."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        parts = [str(body[key]) for key in ("error", "detail", "errors") if body.get(key)]
+        if parts:
+            return ": ".join(dict.fromkeys(parts))[:1000]
+    return str(body)[:1000]
+
+
+class A1111Client:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def wait_ready(self, timeout: float, poll: float = 1.0) -> None:
+        """Wait until the API answers, then prove the model works with a warm-up generation."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while True:
+            try:
+                response = await self.http.get("/sdapi/v1/sd-models", timeout=10.0)
+                if response.status_code == 200:
+                    break
+                last = f"GET /sdapi/v1/sd-models answered {response.status_code}"
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            if time.monotonic() + poll > deadline:
+                raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
+            await asyncio.sleep(poll)
+        remaining = max(1.0, deadline - time.monotonic())
+        try:
+            await self.txt2img(WARM_UP, timeout=remaining)
+        except A1111Timeout:
+            raise A1111Unavailable(f"A1111 warm-up generation did not finish within {timeout:.0f}s") from None
+        log.info("A1111 is ready", extra={"stage": "a1111_ready"})
+
+    async def txt2img(self, payload: dict[str, Any], timeout: float) -> Generation:
+        started = time.time()
+        try:
+            response = await self.http.post(
+                "/sdapi/v1/txt2img", json=payload, timeout=httpx.Timeout(timeout, connect=10.0)
+            )
+        except httpx.TimeoutException:
+            await self.interrupt()
+            raise A1111Timeout(
+                f"txt2img did not finish within {timeout:.0f}s; A1111 was interrupted"
+            ) from None
+        except httpx.HTTPError as error:
+            raise A1111Unavailable(f"A1111 unreachable: {type(error).__name__} {error}".strip()) from None
+        finished = time.time()
+        if response.status_code >= 500:
+            raise A1111ServerError(response.status_code, _error_detail(response))
+        if response.status_code >= 400:
+            raise A1111Rejected(response.status_code, _error_detail(response))
+        try:
+            body = response.json()
+            images = body["images"] or []
+            info = json.loads(body["info"]) if isinstance(body.get("info"), str) else body.get("info") or {}
+        except (ValueError, KeyError, TypeError) as error:
+            raise A1111ServerError(response.status_code, f"unreadable txt2img response: {error}") from None
+        if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+            raise A1111ServerError(response.status_code, "txt2img response has no list of images")
+        return Generation(
+            images=images, info=info if isinstance(info, dict) else {}, started=started, finished=finished
+        )
+
+    async def interrupt(self) -> None:
+        """Ask A1111 to stop the current generation; best effort."""
+        try:
+            await self.http.post("/sdapi/v1/interrupt", timeout=10.0)
+        except httpx.HTTPError as error:
+            log.warning("interrupt failed: %s", error)

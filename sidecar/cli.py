@@ -1,0 +1,221 @@
+"""Commands: run, enqueue, status, bench, demo (``python -m sidecar --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sidecar import __version__, logs
+from sidecar.a1111 import A1111Client
+from sidecar.config import Settings, load_settings
+from sidecar.endpoints import Health, bound_port, serve
+from sidecar.errors import A1111Unavailable, ConfigError, SidecarError
+from sidecar.observability import Metrics
+from sidecar.storage import Storage
+from sidecar.supervisor import Supervisor
+from sidecar.worker import Worker
+
+log = logging.getLogger("sidecar")
+
+
+@contextlib.contextmanager
+def capture_signals(worker: Worker) -> Iterator[None]:
+    """First SIGTERM/SIGINT drains; a second one exits at once. Handlers are restored afterwards."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def handle(sig: int) -> None:
+        received.append(sig)
+        if len(received) > 1:
+            log.error("second signal: exiting at once", extra={"stage": "stop"})
+            os._exit(1)
+        log.info("%s: draining, then stopping", signal.Signals(sig).name, extra={"stage": "stop"})
+        worker.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_empty: bool = False) -> int:
+    """Start up (endpoints, A1111, storage, warm-up), then process jobs. Returns the exit code."""
+    metrics = Metrics()
+    storage = Storage.connect(settings)
+    health = Health(storage_answering=lambda: storage.answering)
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+    async with httpx.AsyncClient(base_url=settings.a1111_url, limits=limits, timeout=30.0) as http:
+        a1111 = A1111Client(http)
+        worker = Worker(settings, storage, a1111, metrics, max_jobs=max_jobs, exit_when_empty=exit_when_empty)
+        worker.on_stop = lambda: setattr(health, "draining", True)
+        supervisor = (
+            Supervisor(settings.a1111_command, worker.a1111_exited) if settings.a1111_command else None
+        )
+        endpoints = await serve(health, metrics, settings.http_port)
+        try:
+            with capture_signals(worker):
+                log.info(
+                    "starting",
+                    extra={
+                        "stage": "start",
+                        "version": __version__,
+                        "worker_id": settings.worker_id,
+                        "queues": settings.queue_name,
+                        "prefetch": settings.prefetch,
+                        "http_port": bound_port(endpoints),
+                    },
+                )
+                if supervisor is not None:
+                    await supervisor.start()
+                code = await _start_up(worker, storage, a1111, settings)
+                if code is not None:
+                    return code
+                health.a1111_warm = True
+                code = await worker.run()
+                log.info("stopped", extra={"stage": "stop", **worker.outcomes})
+                return code
+        finally:
+            health.draining = True
+            if supervisor is not None:
+                await supervisor.stop()
+            await endpoints.cleanup()
+            await storage.close()
+
+
+async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settings: Settings) -> int | None:
+    """Storage answers and A1111 passes its warm-up; an exit code if that cannot be (or a signal came)."""
+    startup: asyncio.Future[Any] = asyncio.gather(
+        storage.ensure(), a1111.wait_ready(settings.a1111_start_timeout)
+    )
+    stop: asyncio.Future[Any] = asyncio.ensure_future(worker.stopping.wait())
+    await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not startup.done():
+        startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SidecarError):
+            await startup
+        return 1 if worker.fatal else 0
+    try:
+        await startup
+    except A1111Unavailable as error:
+        log.error("A1111 is not usable: %s", error, extra={"stage": "start"})
+        return 3
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure(settings.log_format)
+    return asyncio.run(run_worker(settings, args.max_jobs, args.exit_when_empty))
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from sidecar.enqueue import BadLine, enqueue, generated, lines_of
+
+    settings = load_settings()
+    if (args.file is None) == (args.generate is None):
+        raise SystemExit("enqueue: give exactly one of --file or --generate")
+    items = lines_of(Path(args.file)) if args.file else generated(args.generate, args.seed)
+
+    async def go() -> int:
+        storage = Storage.connect(settings)
+        try:
+            await storage.ensure()
+            report = await enqueue(
+                storage,
+                settings.queue_name,
+                items,
+                encode_base64=args.base64,
+                concurrency=args.concurrency,
+                stop_on_bad=args.stop_on_bad,
+                total=args.generate,
+            )
+        except BadLine as error:
+            print(f"enqueue: stopped at {error}", file=sys.stderr)
+            return 1
+        finally:
+            await storage.close()
+        for number, reason in report.bad:
+            print(f"enqueue: skipped line {number}: {reason}", file=sys.stderr)
+        print(
+            f"sent {report.sent} job(s) to {','.join(settings.queue_name)} in {report.seconds:.1f}s "
+            f"({report.rate:,.0f}/s); {len(report.bad)} bad line(s) skipped"
+        )
+        return 0
+
+    return asyncio.run(go())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.status import show_status
+
+    return asyncio.run(show_status(load_settings(), watch=args.watch, interval=args.interval))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import demo
+
+    logs.configure("text")
+    return asyncio.run(demo(Path(args.jobs), Path(args.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a1111-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the worker: runs until SIGTERM/SIGINT")
+    run.add_argument("--max-jobs", type=int, default=None, help="stop after N finished jobs")
+    run.add_argument("--exit-when-empty", action="store_true", help="drain the queue, then exit 0")
+    run.set_defaults(func=cmd_run)
+
+    enq = commands.add_parser("enqueue", help="put jobs on the queue")
+    enq.add_argument("--file", help="JSONL file, one job per line")
+    enq.add_argument("--generate", type=int, help="generate N benchmark-style jobs")
+    enq.add_argument("--seed", type=int, default=0, help="seed for --generate (same seed, same jobs)")
+    enq.add_argument(
+        "--base64", action="store_true", help="base64-encode messages like Azure Functions producers"
+    )
+    enq.add_argument("--concurrency", type=int, default=32, help="messages in flight at once")
+    enq.add_argument(
+        "--stop-on-bad", action="store_true", help="stop at the first invalid line instead of skipping"
+    )
+    enq.set_defaults(func=cmd_enqueue)
+
+    status = commands.add_parser("status", help="queue depth, poison reasons, results")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    status.set_defaults(func=cmd_status)
+
+    demo = commands.add_parser("demo", help="Azurite + stand-in A1111 + the worker over sample jobs")
+    demo.add_argument(
+        "--jobs", default=str(Path(__file__).resolve().parent.parent / "examples" / "jobs.jsonl")
+    )
+    demo.add_argument("--out", default="out", help="where to copy the images")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as error:
+        print(f"a1111-sidecar: configuration error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,159 @@
+"""Settings: the only module that reads the environment.
+
+Every variable has the prefix ``SIDECAR_``. A bad value stops the start with one line that names the
+variable; secret values (connection strings, keys) are never echoed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sidecar.errors import ConfigError
+
+# Azure queue names: 3-63 characters, lowercase letters, digits and single hyphens.
+_QUEUE_NAME = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
+# Azure blob container names follow the same rule.
+_CONTAINER_NAME = _QUEUE_NAME
+
+_SECRET_FIELDS = {"storage_connection_string"}
+
+
+def _check_queue_name(name: str) -> str:
+    if not _QUEUE_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a valid queue name (3-63 lowercase letters, digits and single hyphens)"
+        )
+    return name
+
+
+class Settings(BaseSettings):
+    """The worker's configuration (see the README's table)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIDECAR_", extra="ignore", populate_by_name=True)
+
+    a1111_url: str = "http://127.0.0.1:7860"
+    a1111_command: str | None = None
+    storage_connection_string: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "SIDECAR_STORAGE_CONNECTION_STRING",
+            "AZURE_STORAGE_CONNECTION_STRING",
+            "storage_connection_string",
+        ),
+    )
+    storage_account_url: str | None = None
+    queue_name: Annotated[list[str], NoDecode] = ["jobs"]
+    poison_queue_name: str | None = None
+    result_queue_name: str | None = None
+    container_name: str = "images"
+    max_dequeue_count: int = Field(default=5, ge=1, le=1000)
+    visibility_timeout: int = Field(default=60, ge=5, le=7 * 24 * 3600)
+    prefetch: int = Field(default=1, ge=0, le=32)
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+
+    # Beyond the contract: knobs an operator may need, with production defaults.
+    worker_id: str = Field(default_factory=socket.gethostname)
+    a1111_start_timeout: float = Field(default=900.0, gt=0)
+    generation_timeout: float = Field(default=600.0, gt=0)
+    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    retry_base_delay: float = Field(default=0.5, ge=0)
+    retry_max_delay: float = Field(default=30.0, ge=0)
+    retry_budget: float = Field(default=60.0, ge=0)
+    release_delay: int = Field(default=10, ge=0, le=3600)
+    poll_interval_min: float = Field(default=0.1, ge=0)
+    poll_interval_max: float = Field(default=10.0, ge=0)
+    max_width: int = Field(default=2048, ge=64)
+    max_height: int = Field(default=2048, ge=64)
+    max_steps: int = Field(default=150, ge=1)
+    max_images: int = Field(default=8, ge=1)
+    log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
+
+    @field_validator("queue_name", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("queue_name")
+    @classmethod
+    def _check_queues(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one queue name is needed")
+        if len(set(value)) != len(value):
+            raise ValueError("a queue is listed twice")
+        return [_check_queue_name(name) for name in value]
+
+    @field_validator("poison_queue_name", "result_queue_name")
+    @classmethod
+    def _check_optional_queue(cls, value: str | None) -> str | None:
+        return None if value is None else _check_queue_name(value)
+
+    @field_validator("container_name")
+    @classmethod
+    def _check_container(cls, value: str) -> str:
+        if not _CONTAINER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid blob container name")
+        return value
+
+    @field_validator("a1111_url", "storage_account_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        if self.storage_connection_string is None and self.storage_account_url is None:
+            raise ValueError(
+                "SIDECAR_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_CONNECTION_STRING) "
+                "or SIDECAR_STORAGE_ACCOUNT_URL must be set"
+            )
+        if self.poison_queue_name and len(self.queue_name) > 1:
+            raise ValueError(
+                "SIDECAR_POISON_QUEUE_NAME: set it only with a single queue; shards get <queue>-poison"
+            )
+        if self.poll_interval_max < self.poll_interval_min:
+            raise ValueError("SIDECAR_POLL_INTERVAL_MAX must not be below SIDECAR_POLL_INTERVAL_MIN")
+        return self
+
+    def poison_queue_for(self, queue: str) -> str:
+        return self.poison_queue_name or f"{queue}-poison"
+
+    @property
+    def connection_string(self) -> str | None:
+        secret = self.storage_connection_string
+        return secret.get_secret_value() if secret is not None else None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:
+        return message
+    name = loc[0]
+    variable = f"SIDECAR_{name.upper()}"
+    if name in _SECRET_FIELDS:
+        return f"{variable}: {message}"
+    value = first.get("input")
+    shown = (
+        f" (got {value!r})" if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
+    )
+    return f"{variable}: {message}{shown}"
+
+
+def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
+    """Read the environment (plus ``overrides``); a bad value raises ConfigError with one clear line."""
+    try:
+        return Settings(**dict(overrides or {}))  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

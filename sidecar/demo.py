@@ -1,0 +1,60 @@
+"""The main job on the embedded default: local Azurite + the A1111 stand-in + the worker over sample jobs.
+
+Everything runs on this machine; the images are copied out of the emulator into a local folder at
+the end, since the in-memory emulator forgets them when it stops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sidecar.cli import run_worker
+from sidecar.config import load_settings
+from sidecar.devenv import azurite, standin
+from sidecar.enqueue import enqueue, lines_of
+from sidecar.storage import Storage
+
+
+async def demo(jobs: Path, out: Path) -> int:
+    print("starting Azurite (storage emulator) and the A1111 stand-in ...")
+    async with azurite() as storage_server, standin(seconds_per_image=0.25) as a1111:
+        settings = load_settings(
+            {
+                "storage_connection_string": storage_server.connection_string,
+                "a1111_url": a1111.url,
+                "queue_name": "jobs",
+                "container_name": "images",
+                "log_format": "text",
+            }
+        )
+        storage = Storage.connect(settings)
+        try:
+            await storage.ensure()
+            report = await enqueue(storage, settings.queue_name, lines_of(jobs))
+            print(f"enqueued {report.sent} sample job(s) from {jobs}")
+            code = await run_worker(settings, exit_when_empty=True)
+            if code != 0:
+                print(f"the worker exited with {code}")
+                return code
+            return await _copy_out(storage, out, settings.container_name)
+        finally:
+            await storage.close()
+
+
+async def _copy_out(storage: Storage, out: Path, container: str) -> int:
+    count = 0
+    print(f"\nimages in blob container '{container}' at {storage.container.url}:")
+    async for blob in storage.container.list_blobs():
+        target = out / blob.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = await (await storage.container.download_blob(blob.name)).readall()
+        target.write_bytes(data)
+        if blob.name.endswith(".png"):
+            count += 1
+            print(f"  {blob.name:<44} {len(data) / 1024:7.0f} KB  -> {target}")
+        elif blob.name.endswith("job.json"):
+            seeds = json.loads(data).get("info", {}).get("all_seeds")
+            print(f"  {blob.name:<44} seeds {seeds}")
+    print(f"\n{count} image(s) copied to {out.resolve()}")
+    return 0 if count else 1

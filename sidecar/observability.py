@@ -1,0 +1,85 @@
+"""Metrics (Prometheus) and the A1111 busy fraction.
+
+Each worker owns its registry, so several workers can live in one process (tests, the benchmark).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class BusyMeter:
+    """Fraction of wall time A1111 had a txt2img request in flight, over a sliding window.
+
+    Used as a context manager around each generation; intervals older than the window are dropped.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self.started = time.monotonic()
+        self._intervals: deque[tuple[float, float]] = deque()
+        self._open: float | None = None
+        self.total = 0.0
+
+    def __enter__(self) -> BusyMeter:
+        self._open = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._open is not None:
+            now = time.monotonic()
+            self._intervals.append((self._open, now))
+            self.total += now - self._open
+            self._open = None
+
+    def fraction(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        since = max(self.started, now - self.window)
+        while self._intervals and self._intervals[0][1] < since:
+            self._intervals.popleft()
+        busy = sum(min(end, now) - max(start, since) for start, end in self._intervals if end > since)
+        if self._open is not None:
+            busy += now - max(self._open, since)
+        span = now - since
+        return min(1.0, busy / span) if span > 0 else 0.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.busy = BusyMeter()
+        self.jobs = Counter("sidecar_jobs", "Jobs by outcome", ["outcome"], registry=self.registry)
+        self.stage_seconds = Histogram(
+            "sidecar_stage_seconds",
+            "Latency of each stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight", "Jobs in each stage now", ["stage"], registry=self.registry
+        )
+        busy = Gauge(
+            "sidecar_a1111_busy_fraction",
+            "Fraction of the last minute A1111 spent on this worker's generations",
+            registry=self.registry,
+        )
+        busy.set_function(self.busy.fraction)
+        self.ready = Gauge(
+            "sidecar_ready", "1 when A1111 is warm and storage answers", registry=self.registry
+        )
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        with self.stage_seconds.labels(name).time():
+            yield
+
+
+__all__ = ["BusyMeter", "Metrics"]

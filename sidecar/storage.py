@@ -1,0 +1,219 @@
+"""Azure Queue and Blob Storage: receive, renew, release, delete, poison and idempotent uploads.
+
+The SDK's own retries are turned off; transient failures (connection errors, timeouts, 5xx, 429)
+become ``StorageUnavailable`` and are retried here with exponential backoff and jitter, bounded in
+time. A 404 or pop-receipt mismatch on a message means another consumer owns it: ``LeaseLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import ContentSettings
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+from azure.storage.queue.aio import QueueClient, QueueServiceClient
+
+from sidecar.backoff import retrying
+from sidecar.config import Settings
+from sidecar.errors import ConfigError, LeaseLost, SidecarError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PNG = ContentSettings(content_type="image/png")
+JSON = ContentSettings(content_type="application/json")
+TEXT = ContentSettings(content_type="text/plain; charset=utf-8")
+MAX_QUEUE_MESSAGE_BYTES = 64 * 1024
+
+
+class StorageRejected(SidecarError):
+    """Storage refused the request for a reason retrying cannot fix (auth, bad request)."""
+
+
+@dataclass
+class Message:
+    """A held queue message. ``pop_receipt`` changes with every renewal."""
+
+    queue: str
+    id: str
+    pop_receipt: str
+    dequeue_count: int
+    content: str
+
+
+def classify(error: BaseException, *, message_op: bool = False) -> BaseException:
+    """Map SDK and transport errors onto the worker's error tree."""
+    if isinstance(error, SidecarError):
+        return error
+    if isinstance(error, ServiceRequestError | ServiceResponseError | aiohttp.ClientError | TimeoutError):
+        return StorageUnavailable(f"storage unreachable: {type(error).__name__}")
+    if isinstance(error, HttpResponseError):
+        status = error.status_code or 0
+        code = str(getattr(error, "error_code", None) or "")
+        if message_op and (status == 404 or code in {"PopReceiptMismatch", "MessageNotFound"}):
+            return LeaseLost(f"message no longer ours ({status} {code})")
+        if status >= 500 or status in (408, 429) or status == 0:
+            return StorageUnavailable(f"storage answered {status} {code}".strip())
+        return StorageRejected(f"storage refused the request: {status} {code}".strip())
+    return error
+
+
+class Storage:
+    """Queue and blob operations for one worker; build it with ``Storage.connect(settings)``."""
+
+    def __init__(self, settings: Settings, queues: QueueServiceClient, blobs: BlobServiceClient) -> None:
+        self.settings = settings
+        self._queues = queues
+        self._blobs = blobs
+        self._queue_clients: dict[str, QueueClient] = {}
+        self.answering = False  # did the last call reach storage? (for /readyz)
+        self.container: ContainerClient = blobs.get_container_client(settings.container_name)
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Storage:
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 60}
+        conn = settings.connection_string
+        if conn:
+            try:
+                queues = QueueServiceClient.from_connection_string(conn, **options)
+                blobs = BlobServiceClient.from_connection_string(conn, **options)
+            except ValueError:
+                raise ConfigError(
+                    "SIDECAR_STORAGE_CONNECTION_STRING: not a valid connection string"
+                ) from None
+        else:
+            assert settings.storage_account_url is not None
+            credential = _default_credential()
+            base = settings.storage_account_url
+            queue_url = base.replace(".blob.", ".queue.")
+            blob_url = base.replace(".queue.", ".blob.")
+            queues = QueueServiceClient(queue_url, credential=credential, **options)
+            blobs = BlobServiceClient(blob_url, credential=credential, **options)
+        return cls(settings, queues, blobs)
+
+    def queue(self, name: str) -> QueueClient:
+        client = self._queue_clients.get(name)
+        if client is None:
+            client = self._queue_clients[name] = self._queues.get_queue_client(name)
+        return client
+
+    async def retry(self, operation: Callable[[], Awaitable[T]], *, message_op: bool = False) -> T:
+        """Run ``operation``, retrying transient failures with backoff and jitter within the budget."""
+        async for attempt in retrying(self.settings, StorageUnavailable):
+            with attempt:
+                try:
+                    result = await operation()
+                except Exception as error:
+                    mapped = classify(error, message_op=message_op)
+                    self.answering = not isinstance(mapped, StorageUnavailable)
+                    if mapped is error:
+                        raise
+                    raise mapped from None
+                self.answering = True
+                return result
+        raise AssertionError("unreachable")
+
+    async def ensure(self) -> None:
+        """Create the queues and the container if they are missing."""
+        names = list(self.settings.queue_name)
+        names += [self.settings.poison_queue_for(q) for q in self.settings.queue_name]
+        if self.settings.result_queue_name:
+            names.append(self.settings.result_queue_name)
+
+        async def create(call: Callable[[], Awaitable[Any]]) -> None:
+            async def once() -> None:
+                with contextlib.suppress(ResourceExistsError):
+                    await call()
+
+            await self.retry(once)
+
+        await asyncio.gather(*(create(self.queue(n).create_queue) for n in names))
+        await create(self.container.create_container)
+
+    async def receive(self, queue: str, count: int, visibility: int) -> list[Message]:
+        async def call() -> list[Message]:
+            found = []
+            pages = self.queue(queue).receive_messages(
+                messages_per_page=count, max_messages=count, visibility_timeout=visibility
+            )
+            async for m in pages:
+                found.append(Message(queue, m.id, m.pop_receipt or "", m.dequeue_count or 0, m.content or ""))
+            return found
+
+        return await self.retry(call)
+
+    async def set_visibility(self, message: Message, seconds: int) -> None:
+        """Renew (seconds > 0) or release (0) a held message; keeps the newest pop receipt."""
+
+        async def call() -> None:
+            updated = await self.queue(message.queue).update_message(
+                message.id, pop_receipt=message.pop_receipt, visibility_timeout=seconds
+            )
+            message.pop_receipt = updated.pop_receipt or message.pop_receipt
+
+        await self.retry(call, message_op=True)
+
+    async def delete(self, message: Message) -> None:
+        await self.retry(
+            lambda: self.queue(message.queue).delete_message(message.id, message.pop_receipt), message_op=True
+        )
+
+    async def send(self, queue: str, text: str) -> None:
+        await self.retry(lambda: self.queue(queue).send_message(text))
+
+    async def poison(self, message: Message, job_id: str | None, error: SidecarError | str) -> None:
+        """Copy the message with the reason to the poison queue, then delete the original."""
+        kind = error.kind if isinstance(error, SidecarError) else "Error"
+        body = {
+            "job_id": job_id,
+            "message_id": message.id,
+            "dequeue_count": message.dequeue_count,
+            "error": {"type": kind, "detail": str(error)},
+            "original": message.content,
+        }
+        text = json.dumps(body, ensure_ascii=False)
+        if len(text.encode("utf-8")) > MAX_QUEUE_MESSAGE_BYTES:
+            # The original alone may fill a queue message: keep it whole in a blob and point to it.
+            name = f"_poison/{message.queue}/{message.id}.txt"
+            await self.upload(name, message.content.encode("utf-8", "surrogatepass"), TEXT)
+            body["original"] = None
+            body["original_blob"] = name
+            text = json.dumps(body, ensure_ascii=False)
+        await self.send(self.settings.poison_queue_for(message.queue), text)
+        await self.delete(message)
+
+    async def upload(self, name: str, data: bytes, content: ContentSettings) -> None:
+        # Deterministic names + overwrite: a redelivered job replaces its blobs instead of duplicating them.
+        await self.retry(
+            lambda: self.container.upload_blob(name, data, overwrite=True, content_settings=content)
+        )
+
+    async def close(self) -> None:
+        for client in self._queue_clients.values():
+            await client.close()
+        await self._queues.close()
+        await self._blobs.close()
+
+
+def _default_credential() -> Any:
+    try:
+        from azure.identity.aio import DefaultAzureCredential
+    except ImportError:
+        raise ConfigError(
+            "SIDECAR_STORAGE_ACCOUNT_URL: Azure AD sign-in needs the azure-ad extra "
+            "(pip install 'a1111-sidecar[azure-ad]')"
+        ) from None
+    return DefaultAzureCredential()

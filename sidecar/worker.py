@@ -1,0 +1,429 @@
+"""The pipeline: queue message -> job -> A1111 txt2img -> image bytes -> blobs -> delete.
+
+With ``SIDECAR_PREFETCH=0`` it is the Go worker's strict loop: receive, generate, upload, delete, then
+receive again. With ``SIDECAR_PREFETCH=N`` (N >= 1) three stages overlap:
+
+    fetcher ──ready (<= N jobs)──> generator (one txt2img at a time) ──> finishers (<= upload slots)
+
+The fetcher keeps up to N validated jobs waiting, so the next txt2img starts the moment the previous
+one returns; finishers decode and upload while the next generation runs. When uploads fall behind,
+the generator waits for a free upload slot and the fetcher for room in ``ready``: memory stays bounded.
+
+Every held message has a Lease (renewed at half-life). Stopping: fetching stops, the current
+generation and its uploads finish within the grace period, waiting jobs are released at once
+(visibility 0) so other nodes take them; whatever is still held after the deadline is released too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar import __version__
+from sidecar.a1111 import A1111Client, Generation
+from sidecar.backoff import retrying
+from sidecar.config import Settings
+from sidecar.errors import (
+    A1111ServerError,
+    A1111Unavailable,
+    InvalidJob,
+    PermanentError,
+    SidecarError,
+    TransientError,
+)
+from sidecar.jobs import Job, Limits, parse_job
+from sidecar.lease import Lease
+from sidecar.observability import Metrics
+from sidecar.storage import JSON, PNG, Storage, StorageRejected
+
+log = logging.getLogger(__name__)
+
+MAX_RECEIVE = 32  # Azure's cap on messages per receive
+MAX_CONSECUTIVE_FAILURES = 5  # a sick node must not eat the queue
+
+
+@dataclass
+class Held:
+    """A job this worker holds, with the lease that keeps its message invisible."""
+
+    lease: Lease
+    job: Job
+    fetched_at: float = field(default_factory=time.time)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        a1111: A1111Client,
+        metrics: Metrics,
+        *,
+        max_jobs: int | None = None,
+        exit_when_empty: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.a1111 = a1111
+        self.metrics = metrics
+        self.max_jobs = max_jobs
+        self.exit_when_empty = exit_when_empty
+        self.limits = Limits(settings.max_width, settings.max_height, settings.max_steps, settings.max_images)
+        self.outcomes: Counter[str] = Counter()
+        self.fatal: SidecarError | None = None
+        self.stopping = asyncio.Event()  # no more fetching
+        self._stop_requested = asyncio.Event()  # a signal: the grace period applies
+        self._wake = asyncio.Event()
+        self._ready: asyncio.Queue[Held | None] = asyncio.Queue()
+        self._upload_slots = asyncio.Semaphore(settings.upload_concurrency)
+        self._held: set[Lease] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._failures_in_a_row = 0
+        self._next_queue = 0
+        self._idle_streak = 0
+        self.on_stop: Callable[[], None] = lambda: None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First SIGTERM/SIGINT: stop fetching, finish what runs within the grace period."""
+        self._stop_requested.set()
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self.stopping.is_set():
+            self.on_stop()
+        self.stopping.set()
+        self._wake.set()
+
+    def a1111_exited(self, code: int) -> None:
+        """The supervised A1111 died: drain, give back what is held, exit non-zero."""
+        self.fatal = A1111Unavailable(f"A1111 exited with code {code}")
+        self._stop()
+
+    @property
+    def finished(self) -> int:
+        return self.outcomes["succeeded"] + self.outcomes["poisoned"]
+
+    @property
+    def in_pipeline(self) -> int:
+        return len(self._held)
+
+    async def run(self) -> int:
+        """Process jobs until stopped, drained (--exit-when-empty) or done (--max-jobs). Exit code."""
+        work = asyncio.create_task(self._work(), name="work")
+        signalled = asyncio.create_task(self._stop_requested.wait())
+        await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            if not work.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(work), timeout=self.settings.shutdown_grace)
+                except TimeoutError:
+                    log.warning("grace period over; giving back what is still held", extra={"stage": "stop"})
+                    work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+        except StorageRejected as error:
+            self.fatal = error
+        finally:
+            signalled.cancel()
+            await self._release_all()
+        if self.fatal is not None:
+            log.error("stopping: %s", self.fatal, extra={"stage": "stop", "error": self.fatal.kind})
+            return 1
+        return 0
+
+    async def _work(self) -> None:
+        try:
+            if self.settings.prefetch == 0:
+                await self._sequential()
+            else:
+                generator = asyncio.create_task(self._generate_loop(), name="generator")
+                try:
+                    await self._fetch_loop()
+                finally:
+                    self._ready.put_nowait(None)
+                    await generator
+            while self._finishing:
+                await asyncio.gather(*list(self._finishing), return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in list(self._finishing):
+                task.cancel()
+            await asyncio.gather(*list(self._finishing), return_exceptions=True)
+            raise
+
+    async def _release_all(self) -> None:
+        """Give back every message still held (visibility 0), so another node takes it at once."""
+        leases = [lease for lease in self._held if not lease.ended]
+        if leases:
+            log.info("releasing %d held message(s)", len(leases), extra={"stage": "stop"})
+        results = await asyncio.gather(*(lease.release(0) for lease in leases), return_exceptions=True)
+        for lease, result in zip(leases, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("could not release %s: %s", lease.message.id, result)
+        self._held.clear()
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    async def _sequential(self) -> None:
+        while not self.stopping.is_set():
+            batch = await self._fetch(1)
+            if batch is None:
+                if self._empty_and_idle():
+                    return
+                await self._idle()
+                continue
+            for held in batch:
+                generation = await self._generate(held)
+                if generation is not None:
+                    await self._finish(held, generation)
+
+    async def _fetch_loop(self) -> None:
+        prefetch = self.settings.prefetch
+        while not self.stopping.is_set():
+            room = prefetch - self._ready.qsize()
+            if room <= 0:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = await self._fetch(room)
+            if batch is None:
+                if self._empty_and_idle():
+                    return
+                await self._idle()
+                continue
+            for held in batch:
+                self._ready.put_nowait(held)
+
+    async def _generate_loop(self) -> None:
+        while (held := await self._ready.get()) is not None:
+            self._wake.set()
+            if self.stopping.is_set():
+                await self._give_back(held)
+                continue
+            generation = await self._generate(held)
+            if generation is None:
+                continue
+            await self._upload_slots.acquire()
+            task = asyncio.create_task(self._finish_in_slot(held, generation), name=f"finish-{held.job.id}")
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _fetch(self, room: int) -> list[Held] | None:
+        """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""
+        room = min(room, MAX_RECEIVE)
+        if self.max_jobs is not None:
+            room = min(room, self.max_jobs - self.finished - self.in_pipeline)
+            if room <= 0:
+                self._stop()
+                return []
+        queues = self.settings.queue_name
+        for offset in range(len(queues)):
+            queue = queues[(self._next_queue + offset) % len(queues)]
+            with self.metrics.stage("receive"):
+                messages = await self._storage_call(
+                    self.storage.receive(queue, room, self.settings.visibility_timeout)
+                )
+            if messages:
+                self._idle_streak = 0
+                self._next_queue = (self._next_queue + offset + 1) % len(queues)
+                break
+        else:
+            return None
+        batch = []
+        for message in messages:
+            lease = Lease(self.storage, message, self.settings.visibility_timeout)
+            self._held.add(lease)
+            try:
+                job = parse_job(message.content, message.id, self.limits)
+            except InvalidJob as error:
+                log.warning("invalid job: %s", error, extra={"message_id": message.id, "stage": "validate"})
+                await self._outcome("poisoned", lease, lease.poison(None, error))
+                continue
+            batch.append(Held(lease, job))
+        return batch
+
+    async def _generate(self, held: Held) -> Generation | None:
+        job = held.job
+        self.metrics.in_flight.labels("generate").inc()
+        try:
+            with self.metrics.stage("generate"), self.metrics.busy:
+                generation = await self._with_retries(job)
+        except (TransientError, PermanentError) as error:
+            await self._fail(held, error)
+            return None
+        finally:
+            self.metrics.in_flight.labels("generate").dec()
+        self._failures_in_a_row = 0
+        log.info(
+            "generated",
+            extra={"job_id": job.id, "stage": "generate", "seconds": round(generation.seconds, 3)},
+        )
+        return generation
+
+    async def _with_retries(self, job: Job) -> Generation:
+        """A 5xx from A1111 (CUDA out of memory, say) is tried again a few times before giving up."""
+        s = self.settings
+        async for attempt in retrying(s, A1111ServerError, attempts=3):
+            with attempt:
+                return await self.a1111.txt2img(job.txt2img_payload(), timeout=s.generation_timeout)
+        raise AssertionError("unreachable")
+
+    async def _finish_in_slot(self, held: Held, generation: Generation) -> None:
+        try:
+            await self._finish(held, generation)
+        finally:
+            self._upload_slots.release()
+
+    async def _finish(self, held: Held, generation: Generation) -> None:
+        """Decode and store every image and job.json, then delete the message."""
+        job = held.job
+        started = time.time()
+        self.metrics.in_flight.labels("upload").inc()
+        try:
+            try:
+                images = [base64.b64decode(image, validate=True) for image in generation.images]
+            except (binascii.Error, ValueError):
+                await self._fail(held, A1111ServerError(200, "txt2img returned an image that is not base64"))
+                return
+            names = [f"{job.id}/{index}.png" for index in range(len(images))]
+            with self.metrics.stage("upload"):
+                await self._storage_call(
+                    asyncio.gather(
+                        *(
+                            self.storage.upload(name, data, PNG)
+                            for name, data in zip(names, images, strict=True)
+                        )
+                    )
+                )
+                timings = {
+                    "queued_s": round(max(0.0, generation.started - held.fetched_at), 4),
+                    "generate_s": round(generation.seconds, 4),
+                    "upload_s": round(time.time() - started, 4),
+                }
+                record = self._record(held, generation, names, timings)
+                await self._storage_call(self.storage.upload(f"{job.id}/job.json", record, JSON))
+        except TransientError as error:
+            await self._fail(held, error)
+            return
+        finally:
+            self.metrics.in_flight.labels("upload").dec()
+        timings["total_s"] = round(time.time() - held.fetched_at, 4)
+        await self._outcome("succeeded", held.lease, held.lease.complete())
+        await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
+        log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
+
+    def _record(
+        self, held: Held, generation: Generation, names: list[str], timings: dict[str, float]
+    ) -> bytes:
+        message = held.lease.message
+        record: dict[str, Any] = {
+            "job_id": held.job.id,
+            "message_id": message.id,
+            "queue": message.queue,
+            "dequeue_count": message.dequeue_count,
+            "job": held.job.received,
+            "request": held.job.txt2img_payload(),
+            "info": generation.info,
+            "images": names,
+            "timings": timings,
+            "worker": {"id": self.settings.worker_id, "version": __version__},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8")
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    async def _fail(self, held: Held, error: SidecarError) -> None:
+        job, message = held.job, held.lease.message
+        extra = {"job_id": job.id, "message_id": message.id, "error": error.kind}
+        if isinstance(error, A1111Unavailable):
+            # A1111 is gone: this node can do nothing useful. Hand the job back and let it restart.
+            self.fatal = error
+            self._stop()
+            await self._give_back(held)
+            return
+        if isinstance(error, PermanentError) or message.dequeue_count >= self.settings.max_dequeue_count:
+            log.warning("job failed for good: %s", error, extra=extra)
+            await self._outcome("poisoned", held.lease, held.lease.poison(job.id, error))
+            await self._notify(job.id, "failed", [], [], {}, error)
+        else:
+            delay = self.settings.release_delay
+            log.warning("job failed, retried in %ss: %s", delay, error, extra=extra)
+            await self._outcome("retried", held.lease, held.lease.release(delay))
+        if isinstance(error, TransientError):
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                self.fatal = type(error)(f"{self._failures_in_a_row} failures in a row, last: {error}")
+                self._stop()
+
+    async def _give_back(self, held: Held) -> None:
+        await self._outcome("released", held.lease, held.lease.release(0))
+
+    async def _outcome(self, outcome: str, lease: Lease, action: Coroutine[Any, Any, bool]) -> None:
+        try:
+            ours = await self._storage_call(action)
+        finally:
+            self._held.discard(lease)
+        self.outcomes[outcome if ours else "lost"] += 1
+        self.metrics.jobs.labels(outcome if ours else "lost").inc()
+        if self.max_jobs is not None and self.finished >= self.max_jobs:
+            self._stop()
+
+    async def _notify(
+        self,
+        job_id: str,
+        status: str,
+        blobs: list[str],
+        seeds: list[int],
+        timings: dict[str, float],
+        error: SidecarError | None = None,
+    ) -> None:
+        queue = self.settings.result_queue_name
+        if not queue:
+            return
+        body: dict[str, Any] = {
+            "job_id": job_id,
+            "status": status,
+            "blobs": blobs,
+            "seeds": seeds,
+            "timings": timings,
+        }
+        if error is not None:
+            body["error"] = {"type": error.kind, "detail": str(error)}
+        with contextlib.suppress(TransientError):
+            await self._storage_call(self.storage.send(queue, json.dumps(body)))
+
+    async def _storage_call(self, awaitable: Any) -> Any:
+        """Storage refusing us for good (auth, a deleted account) ends the worker."""
+        try:
+            return await awaitable
+        except StorageRejected as error:
+            self.fatal = error
+            self._stop()
+            raise
+
+    # -- idling ----------------------------------------------------------------------------------
+
+    def _empty_and_idle(self) -> bool:
+        if self.exit_when_empty and self.in_pipeline == 0 and not self._finishing:
+            self._stop()
+            return True
+        return False
+
+    async def _idle(self) -> None:
+        """Empty queues: poll less and less often, up to the cap (like the Functions queue trigger)."""
+        s = self.settings
+        interval = min(s.poll_interval_max, s.poll_interval_min * 2 ** min(self._idle_streak, 30))
+        self._idle_streak += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=interval)
