@@ -98,10 +98,10 @@ class A1111Client:
     async def txt2img(self, payload: dict[str, Any], timeout: float) -> Generation:
         started = time.time()
         try:
-            response = await self.http.post(
-                "/sdapi/v1/txt2img", json=payload, timeout=httpx.Timeout(timeout, connect=10.0)
-            )
-        except httpx.TimeoutException:
+            # A total deadline: a hung A1111 may keep the connection open without sending anything.
+            async with asyncio.timeout(timeout):
+                response = await self.http.post("/sdapi/v1/txt2img", json=payload, timeout=timeout + 5)
+        except (TimeoutError, httpx.TimeoutException):
             await self.interrupt()
             raise A1111Timeout(
                 f"txt2img did not finish within {timeout:.0f}s; A1111 was interrupted"

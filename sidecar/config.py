@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     result_queue_name: str | None = None
     container_name: str = "images"
     max_dequeue_count: int = Field(default=5, ge=1, le=1000)
-    visibility_timeout: int = Field(default=60, ge=5, le=7 * 24 * 3600)
+    visibility_timeout: int = Field(default=60, ge=2, le=7 * 24 * 3600)
     prefetch: int = Field(default=1, ge=0, le=32)
     http_port: int = Field(default=8000, ge=0, le=65535)
     shutdown_grace: float = Field(default=30.0, ge=0)

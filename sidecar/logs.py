@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Account keys, SAS signatures and tokens never reach a log line, whatever message carried them.
+_SECRETS = re.compile(r"(?i)(AccountKey=|SharedAccessSignature=|[?&;]sig=|Bearer\s+)([^;&\s\"']+)")
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: m.group(1) + "***", text)
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -30,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
@@ -40,7 +47,7 @@ class TextFormatter(logging.Formatter):
         line = f"{clock} {record.levelname:<7} {record.getMessage()}" + (f"  [{extras}]" if extras else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:

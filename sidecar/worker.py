@@ -134,6 +134,9 @@ class Worker:
                 await work
         except StorageRejected as error:
             self.fatal = error
+        except Exception as error:
+            log.exception("unexpected error; stopping", extra={"stage": "stop"})
+            self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")
         finally:
             signalled.cancel()
             await self._release_all()
@@ -176,7 +179,7 @@ class Worker:
 
     async def _sequential(self) -> None:
         while not self.stopping.is_set():
-            batch = await self._fetch(1)
+            batch = await self._fetch_or_wait(1)
             if batch is None:
                 if self._empty_and_idle():
                     return
@@ -195,7 +198,7 @@ class Worker:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = await self._fetch(room)
+            batch = await self._fetch_or_wait(room)
             if batch is None:
                 if self._empty_and_idle():
                     return
@@ -217,6 +220,15 @@ class Worker:
             task = asyncio.create_task(self._finish_in_slot(held, generation), name=f"finish-{held.job.id}")
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
+
+    async def _fetch_or_wait(self, room: int) -> list[Held] | None:
+        """``_fetch``, but storage being away (after the retry budget) means waiting, not ending."""
+        try:
+            return await self._fetch(room)
+        except TransientError as error:
+            log.warning("cannot fetch jobs: %s", error, extra={"stage": "receive", "error": error.kind})
+            await self._idle()
+            return []
 
     async def _fetch(self, room: int) -> list[Held] | None:
         """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""
@@ -261,8 +273,18 @@ class Worker:
         except (TransientError, PermanentError) as error:
             await self._fail(held, error)
             return None
+        except asyncio.CancelledError:
+            # Cut off by the shutdown deadline: A1111 would go on generating for nobody.
+            await asyncio.shield(self.a1111.interrupt())
+            raise
         finally:
             self.metrics.in_flight.labels("generate").dec()
+        if len(generation.images) < job.image_count:
+            short = A1111ServerError(
+                200, f"A1111 returned {len(generation.images)} of {job.image_count} images"
+            )
+            await self._fail(held, short)
+            return None
         self._failures_in_a_row = 0
         log.info(
             "generated",
@@ -372,6 +394,11 @@ class Worker:
     async def _outcome(self, outcome: str, lease: Lease, action: Coroutine[Any, Any, bool]) -> None:
         try:
             ours = await self._storage_call(action)
+        except TransientError as error:
+            # Storage is away beyond the retry budget: the message comes back when its lease runs out.
+            log.warning("could not settle %s: %s", lease.message.id, error, extra={"error": error.kind})
+            lease.abandon()
+            outcome, ours = "abandoned", True
         finally:
             self._held.discard(lease)
         self.outcomes[outcome if ours else "lost"] += 1
@@ -409,6 +436,9 @@ class Worker:
             return await awaitable
         except StorageRejected as error:
             self.fatal = error
+        except Exception as error:
+            log.exception("unexpected error; stopping", extra={"stage": "stop"})
+            self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")
             self._stop()
             raise
 
