@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.errors import A1111Rejected, A1111ServerError, A1111Timeout, A1111Unavailable
+from sidecar.errors import A1111Rejected, A1111ServerError, A1111Timeout, A1111Unavailable, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +74,30 @@ class A1111Client:
         self.http = http
 
     async def wait_ready(self, timeout: float, poll: float = 1.0) -> None:
-        """Wait until the API answers, then prove the model works with a warm-up generation."""
+        """Wait until the API answers, then prove the model works with a warm-up generation.
+
+        A1111 answers its GET endpoints while the model still loads, and a first generation may fail
+        (out of memory while loading): both are tried again until ``timeout``.
+        """
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while True:
             try:
                 response = await self.http.get("/sdapi/v1/sd-models", timeout=10.0)
                 if response.status_code == 200:
-                    break
+                    await self.txt2img(WARM_UP, timeout=max(1.0, deadline - time.monotonic()))
+                    log.info("A1111 is ready", extra={"stage": "a1111_ready"})
+                    return
                 last = f"GET /sdapi/v1/sd-models answered {response.status_code}"
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            except TransientError as error:
+                last = f"warm-up generation failed: {error}"
+            except A1111Rejected as error:
+                raise A1111Unavailable(f"A1111 refused the warm-up generation: {error}") from None
             if time.monotonic() + poll > deadline:
                 raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
             await asyncio.sleep(poll)
-        remaining = max(1.0, deadline - time.monotonic())
-        try:
-            await self.txt2img(WARM_UP, timeout=remaining)
-        except A1111Timeout:
-            raise A1111Unavailable(f"A1111 warm-up generation did not finish within {timeout:.0f}s") from None
-        log.info("A1111 is ready", extra={"stage": "a1111_ready"})
 
     async def txt2img(self, payload: dict[str, Any], timeout: float) -> Generation:
         started = time.time()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -12,6 +15,20 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from sidecar.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "%s; retry %d in %.1fs",
+        error,
+        state.attempt_number,
+        wait,
+        extra={"stage": "retry", "error": type(error).__name__},
+    )
 
 
 def retrying(settings: Settings, on: type[BaseException], attempts: int | None = None) -> AsyncRetrying:
@@ -31,5 +48,6 @@ def retrying(settings: Settings, on: type[BaseException], attempts: int | None =
             jitter=settings.retry_base_delay,
         ),
         stop=stop,
+        before_sleep=_log_retry,
         reraise=True,
     )

@@ -165,6 +165,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(show_status(load_settings(), watch=args.watch, interval=args.interval))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sidecar.bench import run_bench
+
+    return run_bench(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import demo
 
@@ -199,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
     status.set_defaults(func=cmd_status)
+
+    bench = commands.add_parser("bench", help="throughput benchmark: sequential vs pipelined, with a report")
+    bench.add_argument("--jobs", type=int, default=200, help="jobs per mode")
+    bench.add_argument("--seconds-per-image", type=float, default=0.25, help="stand-in GPU time per image")
+    bench.add_argument("--latency-ms", type=float, default=40.0, help="round trip added to storage requests")
+    bench.add_argument("--bandwidth-mbit", type=float, default=25.0, help="shared uplink; 0 = unlimited")
+    bench.add_argument("--prefetch", type=int, default=1, help="SIDECAR_PREFETCH of the pipelined mode")
+    bench.add_argument("--modes", default="sequential,pipelined", help="sequential and/or pipelined")
+    bench.add_argument("--report", default="bench-report", help="folder for the report, chart and logs")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the generated jobs")
+    bench.set_defaults(func=cmd_bench)
 
     demo = commands.add_parser("demo", help="Azurite + stand-in A1111 + the worker over sample jobs")
     demo.add_argument(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from sidecar.errors import LeaseLost, SidecarError, StorageUnavailable
-from sidecar.storage import Message, Storage
+from sidecar.storage import Message, Storage, StorageRejected
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Lease:
                     self.lost = True
                     log.warning("lease lost", extra={"message_id": self.message.id, "stage": "lease"})
                     return
-                except StorageUnavailable as error:
+                except (StorageUnavailable, StorageRejected) as error:
                     # The next half-life tries again; until the lease runs out the message is still ours.
                     log.warning("lease renewal failed: %s", error, extra={"message_id": self.message.id})
 

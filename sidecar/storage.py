@@ -62,7 +62,9 @@ def classify(error: BaseException, *, message_op: bool = False) -> BaseException
         return StorageUnavailable(f"storage unreachable: {type(error).__name__}")
     if isinstance(error, HttpResponseError):
         status = error.status_code or 0
-        code = str(getattr(error, "error_code", None) or "")
+        # error_code is a str enum (StorageErrorCode.POP_RECEIPT_MISMATCH == "PopReceiptMismatch").
+        raw = getattr(error, "error_code", None) or ""
+        code = str(getattr(raw, "value", raw))
         if message_op and (status == 404 or code in {"PopReceiptMismatch", "MessageNotFound"}):
             return LeaseLost(f"message no longer ours ({status} {code})")
         if status >= 500 or status in (408, 429) or status == 0:

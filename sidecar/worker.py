@@ -122,21 +122,24 @@ class Worker:
         """Process jobs until stopped, drained (--exit-when-empty) or done (--max-jobs). Exit code."""
         work = asyncio.create_task(self._work(), name="work")
         signalled = asyncio.create_task(self._stop_requested.wait())
-        await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
         try:
+            await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(work), timeout=self.settings.shutdown_grace)
-                except TimeoutError:
+                _, late = await asyncio.wait({work}, timeout=self.settings.shutdown_grace)
+                if late:
                     log.warning("grace period over; giving back what is still held", extra={"stage": "stop"})
                     work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-        except StorageRejected as error:
-            self.fatal = error
-        except Exception as error:
-            log.exception("unexpected error; stopping", extra={"stage": "stop"})
-            self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")
+                    await asyncio.wait({work})
+            error = None if work.cancelled() else work.exception()
+            if isinstance(error, StorageRejected):
+                self.fatal = error
+            elif error is not None:
+                log.error("unexpected error; stopping", exc_info=error, extra={"stage": "stop"})
+                self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")
+        except asyncio.CancelledError:
+            work.cancel()
+            await asyncio.wait({work})
+            raise
         finally:
             signalled.cancel()
             await self._release_all()
@@ -193,7 +196,7 @@ class Worker:
     async def _fetch_loop(self) -> None:
         prefetch = self.settings.prefetch
         while not self.stopping.is_set():
-            room = prefetch - self._ready.qsize()
+            room = self._room(prefetch - self._ready.qsize())
             if room <= 0:
                 self._wake.clear()
                 await self._wake.wait()
@@ -221,6 +224,12 @@ class Worker:
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
+    def _room(self, wanted: int) -> int:
+        """How many more jobs to hold: prefetch room, and never more than --max-jobs needs."""
+        if self.max_jobs is None:
+            return wanted
+        return min(wanted, self.max_jobs - self.finished - self.in_pipeline)
+
     async def _fetch_or_wait(self, room: int) -> list[Held] | None:
         """``_fetch``, but storage being away (after the retry budget) means waiting, not ending."""
         try:
@@ -233,11 +242,6 @@ class Worker:
     async def _fetch(self, room: int) -> list[Held] | None:
         """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""
         room = min(room, MAX_RECEIVE)
-        if self.max_jobs is not None:
-            room = min(room, self.max_jobs - self.finished - self.in_pipeline)
-            if room <= 0:
-                self._stop()
-                return []
         queues = self.settings.queue_name
         for offset in range(len(queues)):
             queue = queues[(self._next_queue + offset) % len(queues)]
@@ -340,7 +344,9 @@ class Worker:
         finally:
             self.metrics.in_flight.labels("upload").dec()
         timings["total_s"] = round(time.time() - held.fetched_at, 4)
-        await self._outcome("succeeded", held.lease, held.lease.complete())
+        if await self._outcome("succeeded", held.lease, held.lease.complete()) != "succeeded":
+            log.warning("blobs stored, but the message is not ours to delete", extra={"job_id": job.id})
+            return
         await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
 
@@ -385,13 +391,14 @@ class Worker:
         if isinstance(error, TransientError):
             self._failures_in_a_row += 1
             if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
-                self.fatal = type(error)(f"{self._failures_in_a_row} failures in a row, last: {error}")
+                self.fatal = SidecarError(f"{self._failures_in_a_row} failures in a row, last: {error}")
                 self._stop()
 
     async def _give_back(self, held: Held) -> None:
         await self._outcome("released", held.lease, held.lease.release(0))
 
-    async def _outcome(self, outcome: str, lease: Lease, action: Coroutine[Any, Any, bool]) -> None:
+    async def _outcome(self, outcome: str, lease: Lease, action: Coroutine[Any, Any, bool]) -> str:
+        """Settle a message (delete, release or poison) and count what happened to it."""
         try:
             ours = await self._storage_call(action)
         except TransientError as error:
@@ -401,10 +408,13 @@ class Worker:
             outcome, ours = "abandoned", True
         finally:
             self._held.discard(lease)
-        self.outcomes[outcome if ours else "lost"] += 1
-        self.metrics.jobs.labels(outcome if ours else "lost").inc()
+        self._wake.set()
+        outcome = outcome if ours else "lost"
+        self.outcomes[outcome] += 1
+        self.metrics.jobs.labels(outcome).inc()
         if self.max_jobs is not None and self.finished >= self.max_jobs:
             self._stop()
+        return outcome
 
     async def _notify(
         self,

@@ -33,7 +33,8 @@ def _azurite_or_skip() -> str:
         pytest.skip(str(error))
 
 
-def start_azurite(persistent: bool = False) -> tuple[Azurite, tempfile.TemporaryDirectory[str]]:
+def make_azurite(persistent: bool = False) -> tuple[Azurite, tempfile.TemporaryDirectory[str]]:
+    """An Azurite (not started yet) on free ports; ``persistent`` keeps its data across restarts."""
     binary = _azurite_or_skip()
     workdir = tempfile.TemporaryDirectory(prefix="azurite-")
     blob, queue, table = free_port(), free_port(), free_port()
@@ -57,14 +58,13 @@ def start_azurite(persistent: bool = False) -> tuple[Azurite, tempfile.Temporary
         str(table),
     ]
     argv += ["--location", workdir.name] if persistent else ["--inMemoryPersistence"]
-    server = Azurite(Child(argv, cwd=workdir.name), blob, queue)
-    asyncio.run(server.start())
-    return server, workdir
+    return Azurite(Child(argv, cwd=workdir.name), blob, queue), workdir
 
 
 @pytest.fixture(scope="session")
 def azurite_server() -> Iterator[Azurite]:
-    server, workdir = start_azurite()
+    server, workdir = make_azurite()
+    asyncio.run(server.start())
     yield server
     server.stop()
     workdir.cleanup()
@@ -155,3 +155,11 @@ def run_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.C
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture
+async def own_standin() -> AsyncIterator[Any]:
+    """A stand-in of the test's own: ``async with own_standin(0.5, ["--crash-after", "3"]) as a1111``."""
+    from sidecar.devenv import standin
+
+    return standin

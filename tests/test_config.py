@@ -42,20 +42,27 @@ def test_sharded_queues(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDECAR_QUEUE_NAME", "jobs-a, jobs-b,jobs-c")
     s = load_settings()
     assert s.queue_name == ["jobs-a", "jobs-b", "jobs-c"]
-    assert [s.poison_queue_for(q) for q in s.queue_name] == ["jobs-a-poison", "jobs-b-poison", "jobs-c-poison"]
+    assert [s.poison_queue_for(q) for q in s.queue_name] == [
+        "jobs-a-poison",
+        "jobs-b-poison",
+        "jobs-c-poison",
+    ]
 
 
-@pytest.mark.parametrize(("variable", "value"), [
-    ("SIDECAR_PREFETCH", "-1"),
-    ("SIDECAR_PREFETCH", "lots"),
-    ("SIDECAR_VISIBILITY_TIMEOUT", "0"),
-    ("SIDECAR_MAX_DEQUEUE_COUNT", "0"),
-    ("SIDECAR_QUEUE_NAME", "Bad_Name"),
-    ("SIDECAR_CONTAINER_NAME", "x"),
-    ("SIDECAR_A1111_URL", "localhost:7860"),
-    ("SIDECAR_HTTP_PORT", "70000"),
-    ("SIDECAR_SHUTDOWN_GRACE", "-5"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SIDECAR_PREFETCH", "-1"),
+        ("SIDECAR_PREFETCH", "lots"),
+        ("SIDECAR_VISIBILITY_TIMEOUT", "0"),
+        ("SIDECAR_MAX_DEQUEUE_COUNT", "0"),
+        ("SIDECAR_QUEUE_NAME", "Bad_Name"),
+        ("SIDECAR_CONTAINER_NAME", "x"),
+        ("SIDECAR_A1111_URL", "localhost:7860"),
+        ("SIDECAR_HTTP_PORT", "70000"),
+        ("SIDECAR_SHUTDOWN_GRACE", "-5"),
+    ],
+)
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv("SIDECAR_STORAGE_CONNECTION_STRING", SECRET)
     monkeypatch.setenv(variable, value)
@@ -72,8 +79,14 @@ def test_missing_storage_is_explained() -> None:
 
 def test_bad_setting_stops_the_process_with_one_line_and_no_secret() -> None:
     env = {"SIDECAR_STORAGE_CONNECTION_STRING": SECRET, "SIDECAR_PREFETCH": "-3", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "sidecar", "run"], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIDECAR_PREFETCH" in lines[0]
