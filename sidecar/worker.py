@@ -43,6 +43,7 @@ from sidecar.errors import (
 from sidecar.jobs import Job, Limits, parse_job
 from sidecar.lease import Lease
 from sidecar.observability import Metrics
+from sidecar.polling import Poller
 from sidecar.storage import JSON, PNG, Storage, StorageRejected
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ class Worker:
         self._held: set[Lease] = set()
         self._finishing: set[asyncio.Task[None]] = set()
         self._failures_in_a_row = 0
-        self._next_queue = 0
-        self._idle_streak = 0
+        self._poller = Poller(settings.queue_name, settings.poll_interval_min, settings.poll_interval_max)
         self.on_stop: Callable[[], None] = lambda: None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -242,17 +242,15 @@ class Worker:
     async def _fetch(self, room: int) -> list[Held] | None:
         """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""
         room = min(room, MAX_RECEIVE)
-        queues = self.settings.queue_name
-        for offset in range(len(queues)):
-            queue = queues[(self._next_queue + offset) % len(queues)]
+        for queue in self._poller.due():
             with self.metrics.stage("receive"):
                 messages = await self._storage_call(
                     self.storage.receive(queue, room, self.settings.visibility_timeout)
                 )
             if messages:
-                self._idle_streak = 0
-                self._next_queue = (self._next_queue + offset + 1) % len(queues)
+                self._poller.found(queue)
                 break
+            self._poller.empty(queue)
         else:
             return None
         batch = []
@@ -455,15 +453,17 @@ class Worker:
     # -- idling ----------------------------------------------------------------------------------
 
     def _empty_and_idle(self) -> bool:
-        if self.exit_when_empty and self.in_pipeline == 0 and not self._finishing:
+        if (
+            self.exit_when_empty
+            and self._poller.all_empty()
+            and self.in_pipeline == 0
+            and not self._finishing
+        ):
             self._stop()
             return True
         return False
 
     async def _idle(self) -> None:
-        """Empty queues: poll less and less often, up to the cap (like the Functions queue trigger)."""
-        s = self.settings
-        interval = min(s.poll_interval_max, s.poll_interval_min * 2 ** min(self._idle_streak, 30))
-        self._idle_streak += 1
+        """Wait until a queue is due for polling again (or a stop)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=interval)
+            await asyncio.wait_for(self.stopping.wait(), timeout=max(self._poller.wait(), 0.01))
