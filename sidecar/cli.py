@@ -84,7 +84,11 @@ async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_
                 if code is not None:
                     return code
                 health.a1111_warm = True
-                code = await worker.run()
+                summary = asyncio.create_task(metrics.summarize(settings.summary_interval))
+                try:
+                    code = await worker.run()
+                finally:
+                    summary.cancel()
                 log.info("stopped", extra={"stage": "stop", **worker.outcomes})
                 return code
         finally:

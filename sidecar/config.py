@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=150, ge=1)
     max_images: int = Field(default=8, ge=1)
     log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
+    summary_interval: float = Field(default=60.0, gt=0)
 
     @field_validator("queue_name", mode="before")
     @classmethod

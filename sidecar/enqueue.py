@@ -30,6 +30,10 @@ class Report:
     seconds: float = 0.0
 
     @property
+    def bad_count(self) -> int:
+        return len(self.bad)
+
+    @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 

@@ -5,12 +5,17 @@ Each worker owns its registry, so several workers can live in one process (tests
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+OUTCOMES = ("succeeded", "poisoned", "retried", "released", "abandoned", "lost")
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -75,6 +80,35 @@ class Metrics:
         self.ready = Gauge(
             "sidecar_ready", "1 when A1111 is warm and storage answers", registry=self.registry
         )
+        self.images = Counter("sidecar_images", "Images stored", registry=self.registry)
+
+    def totals(self) -> dict[str, float]:
+        """Images and jobs by outcome so far, for the periodic summary line."""
+        get = self.registry.get_sample_value
+        totals = {"images": get("sidecar_images_total") or 0.0}
+        for outcome in OUTCOMES:
+            totals[outcome] = get("sidecar_jobs_total", {"outcome": outcome}) or 0.0
+        return totals
+
+    async def summarize(self, interval: float) -> None:
+        """Every ``interval`` seconds, one log line: images/min, A1111 busy fraction, failures."""
+        previous = self.totals()
+        while True:
+            await asyncio.sleep(interval)
+            now = self.totals()
+            delta = {key: now.get(key, 0) - previous.get(key, 0) for key in now}
+            previous = now
+            log.info(
+                "summary",
+                extra={
+                    "stage": "summary",
+                    "images_per_min": round(delta.get("images", 0) * 60 / interval, 1),
+                    "jobs_done": int(delta.get("succeeded", 0)),
+                    "failures": int(sum(delta.get(k, 0) for k in ("retried", "poisoned", "abandoned"))),
+                    "poisoned": int(delta.get("poisoned", 0)),
+                    "a1111_busy_fraction": round(self.busy.fraction(), 3),
+                },
+            )
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

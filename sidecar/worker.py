@@ -346,6 +346,7 @@ class Worker:
             log.warning("blobs stored, but the message is not ours to delete", extra={"job_id": job.id})
             return
         await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
+        self.metrics.images.inc(len(names))
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
 
     def _record(
