@@ -9,13 +9,13 @@ lock, and a client that gives up does not cancel the generation: a deadline is f
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from sidecar.errors import A1111Rejected, A1111ServerError, A1111Timeout, A1111Unavailable, TransientError
 
@@ -99,28 +99,42 @@ class A1111Client:
                 raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
             await asyncio.sleep(poll)
 
-    async def txt2img(self, payload: dict[str, Any], timeout: float) -> Generation:
+    async def txt2img(
+        self, payload: dict[str, Any], timeout: float, after: asyncio.Future[Any] | None = None
+    ) -> Generation:
+        """One generation. With ``after`` (the request ahead of this one at A1111's queue lock), this
+        request is sent at once and waits at A1111, and its deadline starts only once ``after`` is done."""
         started = time.time()
+        # No read timeout of httpx's own: a queued request legitimately waits a whole generation.
+        request = asyncio.ensure_future(
+            self.http.post("/sdapi/v1/txt2img", json=payload, timeout=httpx.Timeout(None, connect=10.0))
+        )
         try:
+            if after is not None:
+                await asyncio.wait({after, request}, return_when=asyncio.FIRST_COMPLETED)
+                started = time.time()  # A1111 turns to this request now
             # A total deadline: a hung A1111 may keep the connection open without sending anything.
             async with asyncio.timeout(timeout):
-                response = await self.http.post("/sdapi/v1/txt2img", json=payload, timeout=timeout + 5)
-        except (TimeoutError, httpx.TimeoutException):
+                response = await request
+        except TimeoutError:
             await self.interrupt()
             raise A1111Timeout(
                 f"txt2img did not finish within {timeout:.0f}s; A1111 was interrupted"
             ) from None
         except httpx.HTTPError as error:
             raise A1111Unavailable(f"A1111 unreachable: {type(error).__name__} {error}".strip()) from None
+        finally:
+            request.cancel()
         finished = time.time()
         if response.status_code >= 500:
             raise A1111ServerError(response.status_code, _error_detail(response))
         if response.status_code >= 400:
             raise A1111Rejected(response.status_code, _error_detail(response))
         try:
-            body = response.json()
+            # orjson: the body is ~600 KB of base64 per image, parsed on the generation path.
+            body = orjson.loads(response.content)
             images = body["images"] or []
-            info = json.loads(body["info"]) if isinstance(body.get("info"), str) else body.get("info") or {}
+            info = orjson.loads(body["info"]) if isinstance(body.get("info"), str) else body.get("info") or {}
         except (ValueError, KeyError, TypeError) as error:
             raise A1111ServerError(response.status_code, f"unreadable txt2img response: {error}") from None
         if not isinstance(images, list) or not all(isinstance(image, str) for image in images):

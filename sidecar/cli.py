@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 
 from sidecar import __version__, logs
 from sidecar.a1111 import A1111Client
@@ -123,19 +124,47 @@ async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settin
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure(settings.log_format)
-    return asyncio.run(run_worker(settings, args.max_jobs, args.exit_when_empty))
+    # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
+    return uvloop.run(run_worker(settings, args.max_jobs, args.exit_when_empty))
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from sidecar.enqueue import BadLine, enqueue, generated, lines_of
+    from sidecar.enqueue import EnqueueStopped, Interrupted, enqueue, generated, lines_of, print_bad
+    from sidecar.jobs import Limits
 
     settings = load_settings()
     if (args.file is None) == (args.generate is None):
         raise SystemExit("enqueue: give exactly one of --file or --generate")
-    items = lines_of(Path(args.file)) if args.file else generated(args.generate, args.seed)
+    for name in ("generate", "concurrency", "start_line"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"enqueue: --{name.replace('_', '-')} must be at least 1")
+    try:
+        items = (
+            lines_of(args.file, args.start_line)
+            if args.file
+            else generated(args.generate, args.seed, args.start_line)
+        )
+    except OSError as error:
+        print(f"enqueue: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return 2
+    total = max(0, args.generate - args.start_line + 1) if args.generate is not None else None
+    limits = Limits(settings.max_width, settings.max_height, settings.max_steps, settings.max_images)
 
     async def go() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def interrupt() -> None:
+            if stop.is_set():
+                os._exit(130)  # a second Ctrl-C: at once
+            print("\nenqueue: stopping after the sends in flight (Ctrl-C again to quit now)", file=sys.stderr)
+            stop.set()
+
         storage = Storage.connect(settings)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt)
+        code = 0
         try:
             await storage.ensure()
             report = await enqueue(
@@ -145,20 +174,33 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 encode_base64=args.base64,
                 concurrency=args.concurrency,
                 stop_on_bad=args.stop_on_bad,
-                total=args.generate,
+                limits=limits,
+                total=total,
+                on_bad=print_bad(),
+                stop=stop,
             )
-        except BadLine as error:
-            print(f"enqueue: stopped at {error}", file=sys.stderr)
+        except EnqueueStopped as error:
+            print(f"enqueue: stopped: {error.reason}", file=sys.stderr)
+            report, code = error.report, 130 if isinstance(error, Interrupted) else 1
+        except SidecarError as error:
+            print(f"enqueue: {error}", file=sys.stderr)
             return 1
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await storage.close()
-        for number, reason in report.bad:
-            print(f"enqueue: skipped line {number}: {reason}", file=sys.stderr)
+        shards = ", ".join(f"{queue} ({report.per_queue[queue]:,})" for queue in settings.queue_name)
         print(
-            f"sent {report.sent} job(s) to {','.join(settings.queue_name)} in {report.seconds:.1f}s "
-            f"({report.rate:,.0f}/s); {len(report.bad)} bad line(s) skipped"
+            f"sent {report.sent:,} job(s) to {shards} in {report.seconds:.1f}s ({report.rate:,.0f}/s); "
+            f"{report.bad_count:,} bad line(s) skipped"
         )
-        return 0
+        if report.resume_line is not None:
+            print(
+                f"enqueue: every line before {report.resume_line} was sent or skipped; to go on from there, "
+                f"run the same command with --start-line {report.resume_line}",
+                file=sys.stderr,
+            )
+        return code
 
     return asyncio.run(go())
 
@@ -166,7 +208,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sidecar.status import show_status
 
-    return asyncio.run(show_status(load_settings(), watch=args.watch, interval=args.interval))
+    settings = load_settings()
+    return asyncio.run(
+        show_status(
+            settings, watch=args.watch, interval=args.interval, as_json=args.json, scan_limit=args.scan_limit
+        )
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -192,22 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exit-when-empty", action="store_true", help="drain the queue, then exit 0")
     run.set_defaults(func=cmd_run)
 
-    enq = commands.add_parser("enqueue", help="put jobs on the queue")
-    enq.add_argument("--file", help="JSONL file, one job per line")
-    enq.add_argument("--generate", type=int, help="generate N benchmark-style jobs")
+    enq = commands.add_parser("enqueue", help="put jobs on the queue (validated; spread over shards)")
+    enq.add_argument("--file", help="JSONL file, one job per line (any size: streamed); - reads stdin")
+    enq.add_argument("--generate", type=int, metavar="N", help="generate N benchmark-style jobs")
     enq.add_argument("--seed", type=int, default=0, help="seed for --generate (same seed, same jobs)")
     enq.add_argument(
         "--base64", action="store_true", help="base64-encode messages like Azure Functions producers"
     )
-    enq.add_argument("--concurrency", type=int, default=32, help="messages in flight at once")
+    enq.add_argument("--concurrency", type=int, default=32, help="messages in flight at once (32)")
     enq.add_argument(
-        "--stop-on-bad", action="store_true", help="stop at the first invalid line instead of skipping"
+        "--stop-on-bad",
+        action="store_true",
+        help="stop at the first invalid line (exit 1) instead of skipping",
+    )
+    enq.add_argument(
+        "--start-line",
+        type=int,
+        default=1,
+        metavar="L",
+        help="skip the lines (or generated jobs) before L: resumes a run that stopped",
     )
     enq.set_defaults(func=cmd_enqueue)
 
     status = commands.add_parser("status", help="queue depth, poison reasons, results")
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted, with rates")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    status.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    status.add_argument(
+        "--scan-limit",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="list at most N blobs per refresh to count results (0: do not list)",
+    )
     status.set_defaults(func=cmd_status)
 
     bench = commands.add_parser("bench", help="throughput benchmark: sequential vs pipelined, with a report")

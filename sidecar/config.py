@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     worker_id: str = Field(default_factory=socket.gethostname)
     a1111_start_timeout: float = Field(default=900.0, gt=0)
     generation_timeout: float = Field(default=600.0, gt=0)
+    a1111_queue_ahead: bool = True
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     retry_base_delay: float = Field(default=0.5, ge=0)
     retry_max_delay: float = Field(default=30.0, ge=0)

@@ -21,9 +21,10 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 
 class BusyMeter:
-    """Fraction of wall time A1111 had a txt2img request in flight, over a sliding window.
+    """Fraction of wall time A1111 had at least one of our txt2img requests, over a sliding window.
 
-    Used as a context manager around each generation; intervals older than the window are dropped.
+    Used as a context manager around each generation; overlapping requests (one generating, one
+    queued behind it) count once. Intervals older than the window are dropped.
     """
 
     def __init__(self, window: float = 60.0) -> None:
@@ -31,17 +32,18 @@ class BusyMeter:
         self.started = time.monotonic()
         self._intervals: deque[tuple[float, float]] = deque()
         self._open: float | None = None
-        self.total = 0.0
+        self._depth = 0
 
     def __enter__(self) -> BusyMeter:
-        self._open = time.monotonic()
+        if self._depth == 0:
+            self._open = time.monotonic()
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._open is not None:
-            now = time.monotonic()
-            self._intervals.append((self._open, now))
-            self.total += now - self._open
+        self._depth -= 1
+        if self._depth == 0 and self._open is not None:
+            self._intervals.append((self._open, time.monotonic()))
             self._open = None
 
     def fraction(self, now: float | None = None) -> float:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -86,7 +87,19 @@ class Storage:
 
     @classmethod
     def connect(cls, settings: Settings) -> Storage:
-        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 60}
+        options: dict[str, Any] = {
+            "retry_total": 0,
+            "connection_timeout": 10,
+            "read_timeout": 60,
+            # With env settings on, aiohttp looks up ~/.netrc and the proxy variables in a thread for
+            # every request (a sixth of the worker's CPU). Read the proxies once instead.
+            "use_env_settings": False,
+        }
+        proxies = {
+            scheme: url for scheme, url in urllib.request.getproxies().items() if scheme in ("http", "https")
+        }
+        if proxies:
+            options["proxies"] = proxies
         conn = settings.connection_string
         if conn:
             try:

@@ -17,16 +17,18 @@ generation and its uploads finish within the grace period, waiting jobs are rele
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
+import pybase64
 
 from sidecar import __version__
 from sidecar.a1111 import A1111Client, Generation
@@ -211,18 +213,49 @@ class Worker:
                 self._ready.put_nowait(held)
 
     async def _generate_loop(self) -> None:
-        while (held := await self._ready.get()) is not None:
-            self._wake.set()
-            if self.stopping.is_set():
-                await self._give_back(held)
-                continue
-            generation = await self._generate(held)
-            if generation is None:
-                continue
-            await self._upload_slots.acquire()
-            task = asyncio.create_task(self._finish_in_slot(held, generation), name=f"finish-{held.job.id}")
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+        """Dispatch generations in order. With SIDECAR_A1111_QUEUE_AHEAD the next request is sent while
+        the current one runs: it waits at A1111's queue lock and starts the instant the GPU is free."""
+        depth = 2 if self.settings.a1111_queue_ahead else 1
+        inflight: deque[tuple[Held, asyncio.Task[Generation | None]]] = deque()
+        getter: asyncio.Task[Held | None] | None = None
+        fetching = True
+        try:
+            while fetching or inflight:
+                if fetching and getter is None and len(inflight) < depth:
+                    getter = asyncio.create_task(self._ready.get())
+                waiting: set[asyncio.Future[Any]] = {getter} if getter else set()
+                if inflight:
+                    waiting.add(inflight[0][1])
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter.done():
+                    held, getter = getter.result(), None
+                    self._wake.set()
+                    if held is None:
+                        fetching = False
+                    elif self.stopping.is_set():
+                        await self._give_back(held)
+                    else:
+                        ahead = inflight[-1][1] if inflight else None
+                        task = asyncio.create_task(
+                            self._generate(held, ahead), name=f"generate-{held.job.id}"
+                        )
+                        inflight.append((held, task))
+                    continue
+                held, task = inflight.popleft()
+                generation = task.result()
+                if generation is not None:
+                    await self._upload_slots.acquire()
+                    finish = asyncio.create_task(
+                        self._finish_in_slot(held, generation), name=f"finish-{held.job.id}"
+                    )
+                    self._finishing.add(finish)
+                    finish.add_done_callback(self._finishing.discard)
+        finally:
+            # Cancelled (the grace period ran out): stop what is still running; leases are released later.
+            leftovers: list[asyncio.Task[Any]] = [task for _, task in inflight] + ([getter] if getter else [])
+            for leftover in leftovers:
+                leftover.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
 
     def _room(self, wanted: int) -> int:
         """How many more jobs to hold: prefetch room, and never more than --max-jobs needs."""
@@ -266,12 +299,14 @@ class Worker:
             batch.append(Held(lease, job))
         return batch
 
-    async def _generate(self, held: Held) -> Generation | None:
+    async def _generate(
+        self, held: Held, ahead: asyncio.Task[Generation | None] | None = None
+    ) -> Generation | None:
         job = held.job
         self.metrics.in_flight.labels("generate").inc()
         try:
             with self.metrics.stage("generate"), self.metrics.busy:
-                generation = await self._with_retries(job)
+                generation = await self._with_retries(job, ahead)
         except (TransientError, PermanentError) as error:
             await self._fail(held, error)
             return None
@@ -288,18 +323,18 @@ class Worker:
             await self._fail(held, short)
             return None
         self._failures_in_a_row = 0
-        log.info(
+        log.debug(
             "generated",
             extra={"job_id": job.id, "stage": "generate", "seconds": round(generation.seconds, 3)},
         )
         return generation
 
-    async def _with_retries(self, job: Job) -> Generation:
+    async def _with_retries(self, job: Job, ahead: asyncio.Task[Generation | None] | None) -> Generation:
         """A 5xx from A1111 (CUDA out of memory, say) is tried again a few times before giving up."""
         s = self.settings
         async for attempt in retrying(s, A1111ServerError, attempts=3):
             with attempt:
-                return await self.a1111.txt2img(job.txt2img_payload(), timeout=s.generation_timeout)
+                return await self.a1111.txt2img(job.txt2img_payload(), s.generation_timeout, after=ahead)
         raise AssertionError("unreachable")
 
     async def _finish_in_slot(self, held: Held, generation: Generation) -> None:
@@ -315,7 +350,8 @@ class Worker:
         self.metrics.in_flight.labels("upload").inc()
         try:
             try:
-                images = [base64.b64decode(image, validate=True) for image in generation.images]
+                # SIMD base64: ~0.03 ms for a 450 KB PNG where the standard library takes ~1.2 ms.
+                images = [pybase64.b64decode(image, validate=True) for image in generation.images]
             except (binascii.Error, ValueError):
                 await self._fail(held, A1111ServerError(200, "txt2img returned an image that is not base64"))
                 return
@@ -366,7 +402,7 @@ class Worker:
             "worker": {"id": self.settings.worker_id, "version": __version__},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        return json.dumps(record, ensure_ascii=False, indent=1).encode("utf-8")
+        return orjson.dumps(record, option=orjson.OPT_INDENT_2)
 
     # -- outcomes --------------------------------------------------------------------------------
 
@@ -465,6 +501,11 @@ class Worker:
         return False
 
     async def _idle(self) -> None:
-        """Wait until a queue is due for polling again (or a stop)."""
+        """Wait until a queue is due for polling again (or a stop). Draining (--exit-when-empty), a job
+        settling also wakes the fetcher, so the last one is followed by the final poll at once."""
+        wake = self.stopping
+        if self.exit_when_empty:
+            wake = self._wake
+            wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=max(self._poller.wait(), 0.01))
+            await asyncio.wait_for(wake.wait(), timeout=max(self._poller.wait(), 0.01))
