@@ -1,8 +1,15 @@
 """Putting jobs on the queue: from a JSONL file (streamed) or generated, validated, sent concurrently.
 
-Every line is checked with the worker's own job model before it is sent, so a bad line is caught at
-the producer with its line number instead of landing on the poison queue later. With several queues
-(``SIDECAR_QUEUE_NAME=a,b,c``) jobs are spread round-robin.
+Every line is checked with the worker's own job model (``parse_job``, with the configured limits)
+before it is sent, so a bad line is caught at the producer with its line number instead of landing on
+the poison queue later. With several queues (``SIDECAR_QUEUE_NAME=a,b,c``) jobs are spread round-robin.
+
+Memory stays flat whatever the input's size: the file is read one line at a time (a line is never
+read past the 64 KiB message limit), at most ``concurrency`` messages are in flight, and bad lines are
+reported as they are found, not collected. ``concurrency`` sender tasks pull straight from the one
+input iterator: taking and validating a line has no ``await`` in it, so lines are taken strictly in
+order and a stop (bad line, failed send, Ctrl-C) leaves everything before a known line sent, which is
+what ``resume_line`` (``--start-line``) says.
 """
 
 from __future__ import annotations
@@ -12,133 +19,309 @@ import base64
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
-from sidecar.errors import InvalidJob
-from sidecar.jobs import Limits, parse_job
+from sidecar.errors import InvalidJob, StorageUnavailable
+from sidecar.jobs import MAX_MESSAGE_BYTES, Limits, parse_job
 from sidecar.prompts import generate_jobs
-from sidecar.storage import Storage
+from sidecar.storage import Storage, classify
+
+KEEP_BAD = 100  # bad lines kept in the report for callers; all of them go to ``on_bad``
+MAX_LINE_BYTES = MAX_MESSAGE_BYTES + 2  # a message, plus CRLF
+Item = tuple[int, "str | InvalidJob"]  # (line number, the line's text or why it cannot be read)
 
 
 @dataclass
 class Report:
     sent: int = 0
-    bad: list[tuple[int, str]] = field(default_factory=list)
+    bad_count: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # the first KEEP_BAD bad lines
+    per_queue: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
-
-    @property
-    def bad_count(self) -> int:
-        return len(self.bad)
+    resume_line: int | None = None  # set when the run stopped early: every line before it was handled
 
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
 
-class BadLine(Exception):
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(f"line {line}: {reason}")
-        self.line = line
+class EnqueueStopped(Exception):
+    """The run ended before its input did; ``report`` says what was sent and where to resume."""
+
+    def __init__(self, reason: str, report: Report) -> None:
+        super().__init__(reason)
         self.reason = reason
+        self.report = report
 
 
-def lines_of(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) for every non-blank line, read lazily."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line.strip()
+class BadLine(EnqueueStopped):
+    """``stop_on_bad``: the first invalid line. Every line before it was sent, nothing after it."""
+
+    def __init__(self, line: int, reason: str, report: Report) -> None:
+        super().__init__(f"line {line}: {reason}", report)
+        self.line = line
 
 
-def generated(count: int, seed: int) -> Iterator[tuple[int, str]]:
+class Interrupted(EnqueueStopped):
+    pass
+
+
+class JsonlFile:
+    """(line number, text) of every non-blank line of a JSONL file (or ``-``, stdin), read lazily.
+
+    Lines are read as bytes with a length cap, so one huge line cannot fill memory; a line too long for
+    a queue message or not UTF-8 comes out as an ``InvalidJob`` with its number. ``position`` and
+    ``size`` (bytes) drive the progress bar's percentage and ETA.
+    """
+
+    def __init__(self, path: str | Path, start_line: int = 1) -> None:
+        self.path = str(path)
+        self.start_line = start_line
+        self.position = 0
+        self.size: int | None = None
+        if self.path != "-":
+            self.size = Path(self.path).stat().st_size
+
+    def fraction(self) -> float | None:
+        return min(1.0, self.position / self.size) if self.size else None
+
+    def __iter__(self) -> Iterator[Item]:
+        if self.path == "-":
+            yield from self._lines(sys.stdin.buffer)
+        else:
+            with open(self.path, "rb") as handle:
+                yield from self._lines(handle)
+
+    def _lines(self, handle: BinaryIO) -> Iterator[Item]:
+        number = 0
+        while raw := handle.readline(MAX_LINE_BYTES):
+            number += 1
+            self.position += len(raw)
+            if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
+                self._skip_rest(handle)
+                if number >= self.start_line:
+                    yield (
+                        number,
+                        InvalidJob("line", f"is longer than the {MAX_MESSAGE_BYTES}-byte message limit"),
+                    )
+                continue
+            if number < self.start_line:
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark, as some editors write
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield number, InvalidJob("line", f"is not UTF-8 (byte {error.start + 1})")
+
+    def _skip_rest(self, handle: BinaryIO) -> None:
+        while chunk := handle.readline(MAX_LINE_BYTES):
+            self.position += len(chunk)
+            if chunk.endswith(b"\n"):
+                return
+
+
+def lines_of(path: str | Path, start_line: int = 1) -> JsonlFile:
+    return JsonlFile(path, start_line)
+
+
+def generated(count: int, seed: int, start_line: int = 1) -> Iterator[Item]:
+    """Benchmark-style jobs as (number, JSON text), numbered from 1 like the lines of a file."""
     for number, job in enumerate(generate_jobs(count, seed), start=1):
-        yield number, json.dumps(job)
+        if number >= start_line:
+            yield number, json.dumps(job)
 
 
 class Progress:
-    """A one-line progress display with rate and ETA, only on a terminal."""
+    """A progress line with rate and ETA: redrawn in place on a terminal, a plain line now and then
+    otherwise (logs). Rate and ETA come from the last ``WINDOW`` seconds, not the whole run, so a slow
+    start (connections) or a throttled stretch does not skew them for long."""
 
-    def __init__(self, total: int | None, stream: TextIO = sys.stderr) -> None:
-        self.total = total
+    WINDOW = 10.0
+
+    def __init__(self, fraction: Callable[[], float | None], stream: TextIO = sys.stderr) -> None:
+        self.fraction = fraction
         self.stream = stream
-        self.enabled = stream.isatty()
+        self.tty = stream.isatty()
+        self.every = 0.2 if self.tty else 10.0
         self.started = time.monotonic()
-        self._last = 0.0
+        self._last = self.started
+        self._samples: deque[tuple[float, int, float]] = deque([(self.started, 0, 0.0)])
 
-    def update(self, done: int, force: bool = False) -> None:
+    def update(self, sent: int) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.2):
-            return
-        self._last = now
-        rate = done / max(now - self.started, 1e-9)
-        if self.total:
-            eta = (self.total - done) / rate if rate > 0 else 0
-            width = 30
-            filled = int(width * done / self.total)
-            bar = "#" * filled + "-" * (width - filled)
-            text = f"[{bar}] {done}/{self.total} {rate:,.0f} msg/s ETA {eta:,.0f}s"
-        else:
-            text = f"{done} sent {rate:,.0f} msg/s"
-        self.stream.write("\r" + text + " " * 4)
-        if force:
+        if now - self._last >= self.every:
+            self._draw(now, sent)
+
+    def close(self, sent: int) -> None:
+        if self.tty:
+            self._draw(time.monotonic(), sent)
             self.stream.write("\n")
+            self.stream.flush()
+
+    def _draw(self, now: float, sent: int) -> None:
+        self._last = now
+        fraction = self.fraction()
+        self._samples.append((now, sent, fraction or 0.0))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW:
+            self._samples.popleft()
+        then, sent_then, fraction_then = self._samples[0]
+        span = max(now - then, 1e-9)
+        text = f"{sent:,} sent  {(sent - sent_then) / span:,.0f} msg/s"
+        if fraction is not None:
+            speed = (fraction - fraction_then) / span
+            eta = format_duration((1 - fraction) / speed) if speed > 0 else "?"
+            width = 24
+            filled = int(width * fraction)
+            text = f"[{'#' * filled}{'-' * (width - filled)}] {fraction:4.0%}  {text}  ETA {eta}"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+        else:
+            self.stream.write(f"enqueue: {text}\n")
         self.stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 17s."""
+    whole = int(seconds)
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
 
 
 async def enqueue(
     storage: Storage,
     queues: list[str],
-    items: Iterable[tuple[int, str]],
+    items: Iterable[Item],
     *,
     encode_base64: bool = False,
     concurrency: int = 32,
     stop_on_bad: bool = False,
     limits: Limits | None = None,
     total: int | None = None,
+    on_bad: Callable[[int, str], None] | None = None,
+    stop: asyncio.Event | None = None,
+    progress_stream: TextIO = sys.stderr,
 ) -> Report:
+    """Validate and send every item; raises ``EnqueueStopped`` (with the report) if it ends early.
+
+    ``total`` (items expected) or a ``JsonlFile`` (bytes) gives the progress bar its percentage.
+    ``on_bad(line, reason)`` hears of each skipped line as it is found; ``stop`` ends the run early
+    (Ctrl-C): sends in flight finish, nothing more is taken.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
     report = Report()
-    progress = Progress(total)
-    pending: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(maxsize=concurrency * 4)
-    started = time.monotonic()
+    source = iter(items)
+    consumed = 0
 
-    failures: list[BaseException] = []
+    def fraction() -> float | None:
+        if isinstance(items, JsonlFile):
+            return items.fraction()
+        return min(1.0, consumed / total) if total else None
 
-    async def sender() -> None:
-        while (item := await pending.get()) is not None:
-            if failures:
-                continue  # drain without sending: the run is stopping
-            number, text = item
-            body = base64.b64encode(text.encode("utf-8")).decode("ascii") if encode_base64 else text
+    progress = Progress(fraction, progress_stream)
+    clients = [storage.queue(name) for name in queues]
+    in_flight: set[int] = set()  # line numbers being sent (or whose send failed)
+    halt: list[EnqueueStopped | BaseException] = []
+    next_line = 1  # the first line not taken yet
+    sequence = 0  # valid jobs so far: round-robin over shards by this, so bad lines do not skew it
+
+    def take() -> tuple[int, str, int] | None:
+        """The next valid job as (line, message text, shard), or None at the end or on a stop."""
+        nonlocal consumed, next_line, sequence
+        while not halt and not (stop is not None and stop.is_set()):
             try:
-                await storage.send(queues[number % len(queues)], body)
-            except Exception as error:
-                failures.append(error)
-                continue
-            report.sent += 1
-            progress.update(report.sent)
-
-    senders = [asyncio.create_task(sender()) for _ in range(concurrency)]
-    try:
-        for number, text in items:
-            if failures:
-                break
+                number, text = next(source)
+            except StopIteration:
+                return None
+            consumed += 1
+            next_line = number + 1
             try:
+                if isinstance(text, InvalidJob):
+                    raise text
                 parse_job(text, "pending", limits)
+                body = base64.b64encode(text.encode("utf-8")).decode("ascii") if encode_base64 else text
+                # a character is at most 4 UTF-8 bytes: most messages need no encoding to know
+                if len(body) * 4 > MAX_MESSAGE_BYTES and len(body.encode("utf-8")) > MAX_MESSAGE_BYTES:
+                    raise InvalidJob(
+                        "message", f"is over {MAX_MESSAGE_BYTES} bytes as sent (base64 adds 1/3)"
+                    )
             except InvalidJob as error:
                 if stop_on_bad:
-                    raise BadLine(number, str(error)) from None
-                report.bad.append((number, str(error)))
+                    next_line = number
+                    halt.append(BadLine(number, str(error), report))
+                    return None
+                report.bad_count += 1
+                if len(report.bad) < KEEP_BAD:
+                    report.bad.append((number, str(error)))
+                if on_bad is not None:
+                    on_bad(number, str(error))
                 continue
-            await pending.put((number, text))
-    finally:
-        for _ in senders:
-            await pending.put(None)
-        await asyncio.gather(*senders)
-    if failures:
-        raise failures[0]
+            shard = sequence % len(clients)
+            sequence += 1
+            return number, body, shard
+        return None
+
+    async def send(shard: int, body: str) -> None:
+        # The direct call is the fast path: tenacity's per-call set-up costs about 20 us, 2% of a send.
+        # Only a failure goes through Storage.retry (backoff with jitter, bounded), and only if it is
+        # transient; anything else (auth, a missing queue) stops the run.
+        client = clients[shard]
+        try:
+            await client.send_message(body)
+        except Exception as error:
+            mapped = classify(error)
+            if not isinstance(mapped, StorageUnavailable):
+                raise mapped from error
+            await storage.retry(lambda: client.send_message(body))
+
+    async def sender() -> None:
+        while (job := take()) is not None:
+            number, body, shard = job
+            in_flight.add(number)
+            try:
+                await send(shard, body)
+            except Exception as error:
+                halt.append(error)
+                return
+            in_flight.discard(number)
+            report.sent += 1
+            report.per_queue[queues[shard]] += 1
+            progress.update(report.sent)
+
+    started = time.monotonic()
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
     report.seconds = time.monotonic() - started
-    progress.update(report.sent, force=True)
+    progress.close(report.sent)
+    interrupted = stop is not None and stop.is_set()
+    if not halt and not interrupted:
+        return report
+    report.resume_line = min([*in_flight, next_line])
+    if halt and isinstance(halt[0], EnqueueStopped):
+        raise halt[0]
+    if halt:
+        error = halt[0]
+        raise EnqueueStopped(f"sending failed: {type(error).__name__}: {error}", report) from error
+    raise Interrupted("interrupted", report)
+
+
+def print_bad(progress_stream: TextIO = sys.stderr) -> Callable[[int, str], None]:
+    """An ``on_bad`` that reports each skipped line on its own line (the bar redraws below it)."""
+
+    def report(line: int, reason: str) -> None:
+        text = f"enqueue: line {line} skipped: {reason}"
+        if progress_stream.isatty():
+            text = "\r\x1b[2K" + text
+        print(text, file=progress_stream, flush=True)
+
     return report
