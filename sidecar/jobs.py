@@ -209,6 +209,18 @@ def check_limits(spec: JobSpec, limits: Limits) -> None:
         raise InvalidJob("batch_size", f"batch_size*n_iter is {images}; the limit is {limits.max_images}")
 
 
+def job_id_hint(text: str) -> str | None:
+    """The producer's job id of a message that failed validation, when one can be read safely."""
+    try:
+        data = json.loads(decode_message(text))
+    except (InvalidJob, ValueError):
+        return None
+    job_id = data.get("id") if isinstance(data, dict) else None
+    if isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id) and set(job_id) != {"."}:
+        return job_id
+    return None
+
+
 def parse_job(text: str, message_id: str, limits: Limits | None = None) -> Job:
     """Turn a queue message into a Job, or raise InvalidJob naming the field and the reason."""
     data = decode_message(text)

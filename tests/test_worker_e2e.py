@@ -141,3 +141,23 @@ async def test_exit_when_empty_as_a_process(settings: Settings, storage: Storage
     finished = [json.loads(line) for line in done.stderr.splitlines() if '"job done"' in line]
     assert sorted(entry["job_id"] for entry in finished) == ["p0", "p1", "p2"]
     assert await queue_length(storage, settings.queue_name[0]) == 0
+
+
+async def test_invalid_job_gets_a_failed_result_and_keeps_its_id(make_settings: Any, standin: Any) -> None:
+    """Steps: with a result queue, a job refused at validation still gets its completion message
+    (status failed, the producer's id) and its poison entry names the same id."""
+    settings = make_settings(result_queue_name=f"results-{make_settings().queue_name[0][5:]}")
+    storage = Storage.connect(settings)
+    try:
+        await storage.ensure()
+        queue = settings.queue_name[0]
+        await storage.send(queue, json.dumps({"id": "bad-1", "prompt": "x", "script_name": "evil.py"}))
+        assert await run_worker(settings, exit_when_empty=True) == 0
+        [entry] = await poison_entries(storage, queue)
+        assert entry["job_id"] == "bad-1"
+        peeked = await storage.queue(settings.result_queue_name).peek_messages()
+        results = [json.loads(message.content) for message in peeked]
+        assert [(r["job_id"], r["status"], r["blobs"]) for r in results] == [("bad-1", "failed", [])]
+        assert results[0]["error"]["type"] == "InvalidJob" and "script_name" in results[0]["error"]["detail"]
+    finally:
+        await storage.close()
