@@ -12,9 +12,7 @@ the moment its ``/readyz`` answers 200 until it exits:
 * ``gpu_busy_fraction_steady``: the same between the first generation's start and the last one's end;
   ``first_generation_ms`` (ready -> first generation) and ``tail_ms`` (last generation -> exit) are
   the rest;
-* ``gap_ms_p50``/``_p95``: idle time between one generation's end and the next one's start, split
-  with the worker's log into ``gap_response_ms_*`` (generation end -> the worker holds the parsed
-  response) and ``gap_dispatch_ms_*`` (-> the next generation starts);
+* ``gap_ms_p50``/``_p95``: idle time between one generation's end and the next one's start;
 * ``sidecar_cpu_ms_per_image``: the worker's CPU time (user + system) after readiness per image,
   from /proc at readiness and ``wait4``'s rusage at exit;
 * ``peak_rss_mb`` (rusage), ``rss_mb_at_half`` and ``rss_mb_at_end`` (VmRSS sampled every second);
@@ -399,12 +397,6 @@ def _summarise(
     images = sum(int(entry.get("images", 0)) for entry in done)
     gap_list = [g * 1000 for g in gaps(generations)]
 
-    # the gap split: the k-th "generated" log line answers the k-th generation (one at a time, FIFO)
-    answered = [log_time(e["ts"]) for e in log if e.get("msg") == "generated" and "ts" in e]
-    answered = [at for at in answered if at >= t0 - 0.002][: len(generations)]
-    response = [(at - g[1]) * 1000 for at, g in zip(answered, generations, strict=False)]
-    dispatch = [(nxt[0] - at) * 1000 for at, nxt in zip(answered, generations[1:], strict=False)]
-
     first, last = (generations[0][0], generations[-1][1]) if generations else (t0, t1)
     half_at = generations[len(generations) // 2 - 1][1] if len(generations) >= 2 else t1
     before_half = [mb for at, mb in measured.rss if at <= half_at]
@@ -434,10 +426,6 @@ def _summarise(
         "tail_ms": round((t1 - last) * 1000, 1),
         "gap_ms_p50": _r(percentile(gap_list, 50), 1),
         "gap_ms_p95": _r(percentile(gap_list, 95), 1),
-        "gap_response_ms_p50": _r(percentile(response, 50), 1),
-        "gap_response_ms_p95": _r(percentile(response, 95), 1),
-        "gap_dispatch_ms_p50": _r(percentile(dispatch, 50), 1),
-        "gap_dispatch_ms_p95": _r(percentile(dispatch, 95), 1),
         "upload_s_p50": _r(percentile(upload, 50), 3),
         "upload_s_p95": _r(percentile(upload, 95), 3),
         "sidecar_cpu_ms_per_image": round(measured.cpu_seconds * 1000 / images, 2) if images else None,
@@ -517,8 +505,6 @@ TABLE = (
     ("tail_ms", "last generation to exit (ms)"),
     ("gap_ms_p50", "gap p50 (ms)"),
     ("gap_ms_p95", "gap p95 (ms)"),
-    ("gap_response_ms_p50", "gap p50: response (ms)"),
-    ("gap_dispatch_ms_p50", "gap p50: dispatch (ms)"),
     ("sidecar_cpu_ms_per_image", "CPU ms/image"),
     ("peak_rss_mb", "peak RSS (MB)"),
     ("rss_mb_at_half", "RSS at half (MB)"),
