@@ -126,32 +126,22 @@ class Azurite:
         self.child.stop()
 
 
+def new_azurite(workdir: str, persistent: bool = False, quiet: bool = True) -> Azurite:
+    """An Azurite (not started) on free ports, working in ``workdir``; ``persistent`` keeps its data
+    there across a stop and start, otherwise it lives in memory."""
+    blob_port, queue_port, table_port = free_port(), free_port(), free_port()
+    argv = [azurite_binary(), "--silent", "--skipApiVersionCheck", "--disableTelemetry", "--loose"]
+    for service, port in (("blob", blob_port), ("queue", queue_port), ("table", table_port)):
+        argv += [f"--{service}Host", "127.0.0.1", f"--{service}Port", str(port)]
+    argv += ["--location", workdir] if persistent else ["--inMemoryPersistence"]
+    return Azurite(Child(argv, quiet=quiet, cwd=workdir), blob_port, queue_port)
+
+
 @asynccontextmanager
 async def azurite(persistent: bool = False, quiet: bool = True) -> AsyncIterator[Azurite]:
-    """Azurite blob + queue on free ports; ``persistent`` keeps data across a stop and start."""
-    blob_port, queue_port, table_port = free_port(), free_port(), free_port()
+    """Azurite blob + queue on free ports, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="azurite-") as workdir:
-        argv = [
-            azurite_binary(),
-            "--silent",
-            "--skipApiVersionCheck",
-            "--disableTelemetry",
-            "--loose",
-            "--blobHost",
-            "127.0.0.1",
-            "--queueHost",
-            "127.0.0.1",
-            "--tableHost",
-            "127.0.0.1",
-            "--blobPort",
-            str(blob_port),
-            "--queuePort",
-            str(queue_port),
-            "--tablePort",
-            str(table_port),
-        ]
-        argv += ["--location", workdir] if persistent else ["--inMemoryPersistence"]
-        server = Azurite(Child(argv, quiet=quiet, cwd=workdir), blob_port, queue_port)
+        server = new_azurite(workdir, persistent, quiet)
         await server.start()
         try:
             yield server

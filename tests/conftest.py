@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sidecar.config import Settings, load_settings
-from sidecar.devenv import Azurite, Child, Standin, azurite_binary, free_port, standin_argv
+from sidecar.devenv import Azurite, Child, Standin, azurite_binary, free_port, new_azurite, standin_argv
 from sidecar.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,30 +35,9 @@ def _azurite_or_skip() -> str:
 
 def make_azurite(persistent: bool = False) -> tuple[Azurite, tempfile.TemporaryDirectory[str]]:
     """An Azurite (not started yet) on free ports; ``persistent`` keeps its data across restarts."""
-    binary = _azurite_or_skip()
+    _azurite_or_skip()
     workdir = tempfile.TemporaryDirectory(prefix="azurite-")
-    blob, queue, table = free_port(), free_port(), free_port()
-    argv = [
-        binary,
-        "--silent",
-        "--skipApiVersionCheck",
-        "--disableTelemetry",
-        "--loose",
-        "--blobHost",
-        "127.0.0.1",
-        "--queueHost",
-        "127.0.0.1",
-        "--tableHost",
-        "127.0.0.1",
-        "--blobPort",
-        str(blob),
-        "--queuePort",
-        str(queue),
-        "--tablePort",
-        str(table),
-    ]
-    argv += ["--location", workdir.name] if persistent else ["--inMemoryPersistence"]
-    return Azurite(Child(argv, cwd=workdir.name), blob, queue), workdir
+    return new_azurite(workdir.name, persistent), workdir
 
 
 @pytest.fixture(scope="session")

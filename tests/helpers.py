@@ -137,3 +137,10 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def standin_generating(url: str, requests: int = 2) -> bool:
+    """The stand-in is generating, having received at least ``requests`` calls (the warm-up is the first)."""
+    stats = await standin_call(url, "GET", "/standin/stats")
+    progress = await standin_call(url, "GET", "/sdapi/v1/progress")
+    return stats["requests"] >= requests and bool(progress["state"]["job"])

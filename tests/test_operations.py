@@ -17,7 +17,7 @@ import pytest
 from sidecar.config import load_settings
 from sidecar.devenv import free_port
 from sidecar.storage import Storage
-from tests.helpers import WorkerProcess, blob_names, standin_call, visible_messages, wait_until
+from tests.helpers import WorkerProcess, blob_names, standin_generating, visible_messages, wait_until
 
 JOB = {"prompt": "a fox in a flower meadow <lora:more_details:0.7>", "sampler_name": "k_euler_a", "steps": 15}
 
@@ -71,7 +71,9 @@ async def test_endpoints_through_a_run(
             )
 
             await storage.send(queue, json.dumps({**JOB, "id": "long", "n_iter": 8}))  # 2.4 s
-            await wait_until(lambda: _generating(loading.url, requests=5), what="the long job generating")
+            await wait_until(
+                lambda: standin_generating(loading.url, requests=5), what="the long job generating"
+            )
             worker.signal(signal.SIGTERM)
             await wait_until(lambda: answers(port, "/readyz", 503), timeout=10, what="draining")
             assert await worker.wait_exit() == 0
@@ -82,13 +84,6 @@ async def test_endpoints_through_a_run(
     assert all(entry["stage"] == "done" and entry["generate_s"] > 0 and "ts" in entry for entry in done)
     summary = next(m for m in worker.messages("summary") if m.get("images_per_min"))
     assert {"a1111_busy_fraction", "failures", "jobs_done"} <= set(summary)
-
-
-async def _generating(url: str, requests: int) -> bool:
-    """The stand-in is generating its ``requests``-th call (the warm-up is the first)."""
-    stats = await standin_call(url, "GET", "/standin/stats")
-    progress = await standin_call(url, "GET", "/sdapi/v1/progress")
-    return stats["requests"] >= requests and bool(progress["state"]["job"])
 
 
 def _child_pid(worker: WorkerProcess) -> int | None:

@@ -24,6 +24,7 @@ from tests.helpers import (
     queue_length,
     read_blob,
     standin_call,
+    standin_generating,
     visible_messages,
     wait_until,
 )
@@ -177,9 +178,7 @@ async def _wait_generating(url: str, worker: WorkerProcess) -> None:
     async def generating() -> bool:
         if worker.proc.poll() is not None:
             raise AssertionError(f"worker exited early:\n{worker.tail()}")
-        progress = await standin_call(url, "GET", "/sdapi/v1/progress")
-        stats = await standin_call(url, "GET", "/standin/stats")
-        return bool(progress["state"]["job"]) and stats["requests"] >= 2  # past the warm-up
+        return await standin_generating(url)
 
     await wait_until(generating, timeout=60, what="a job generating")
 
@@ -381,7 +380,7 @@ async def test_lease_is_renewed_while_a_long_job_runs(
         await storage.send(queue, json.dumps({**JOB, "id": "long", "n_iter": 5}))
         worker = asyncio.create_task(run_worker(settings, exit_when_empty=True))
         try:
-            await wait_until(lambda: _generating(slow.url), timeout=30, what="generation")
+            await wait_until(lambda: standin_generating(slow.url), timeout=30, what="generation")
             stolen = 0
             while not worker.done():
                 stolen += len([m async for m in storage.queue(queue).receive_messages(visibility_timeout=1)])
@@ -411,7 +410,7 @@ async def test_lost_lease_never_deletes_someone_elses_message(
         await storage.send(queue, json.dumps({**JOB, "id": "taken", "n_iter": 4}))
         worker = WorkerProcess(settings, log_dir=tmp_path)
         try:
-            await wait_until(lambda: _generating(slow.url), timeout=30, what="generation")
+            await wait_until(lambda: standin_generating(slow.url), timeout=30, what="generation")
             worker.signal(signal.SIGSTOP)
             try:
                 taken = await _take_over(storage, queue)
@@ -441,12 +440,6 @@ async def _take_over(storage: Storage, queue: str) -> Any:
             return message
         await asyncio.sleep(0.1)
     raise AssertionError("the message never became visible")
-
-
-async def _generating(url: str) -> bool:
-    stats = await standin_call(url, "GET", "/standin/stats")
-    progress = await standin_call(url, "GET", "/sdapi/v1/progress")
-    return stats["requests"] >= 2 and bool(progress["state"]["job"])
 
 
 async def _has_blob(storage: Storage, name: str) -> bool:
