@@ -184,12 +184,9 @@ class Worker:
 
     async def _sequential(self) -> None:
         while not self.stopping.is_set():
-            batch = await self._fetch_or_wait(1)
+            batch = await self._next_batch(1)
             if batch is None:
-                if self._empty_and_idle():
-                    return
-                await self._idle()
-                continue
+                return
             for held in batch:
                 generation = await self._generate(held)
                 if generation is not None:
@@ -205,12 +202,9 @@ class Worker:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = await self._fetch_or_wait(room)
+            batch = await self._next_batch(room)
             if batch is None:
-                if self._empty_and_idle():
-                    return
-                await self._idle()
-                continue
+                return
             for held in batch:
                 self._ready.put_nowait(held)
 
@@ -265,14 +259,19 @@ class Worker:
             return wanted
         return min(wanted, self.max_jobs - self.finished - self.in_pipeline)
 
-    async def _fetch_or_wait(self, room: int) -> list[Held] | None:
-        """``_fetch``, but storage being away (after the retry budget) means waiting, not ending."""
+    async def _next_batch(self, room: int) -> list[Held] | None:
+        """Up to ``room`` jobs; [] after waiting when there are none now; None when drained
+        (--exit-when-empty). Storage being away (after the retry budget) means waiting, not ending."""
         try:
-            return await self._fetch(room)
+            batch = await self._fetch(room)
         except TransientError as error:
             log.warning("cannot fetch jobs: %s", error, extra={"stage": "receive", "error": error.kind})
+            batch = []
+        if batch is None and self._empty_and_idle():
+            return None
+        if not batch:
             await self._idle()
-            return []
+        return batch or []
 
     async def _fetch(self, room: int) -> list[Held] | None:
         """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""

@@ -45,8 +45,6 @@ async def test_endpoints_through_a_run(
         settings = make_settings(
             a1111_url=loading.url,
             http_port=port,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
             summary_interval=0.5,
         )
         queue = settings.queue_name[0]
@@ -108,8 +106,6 @@ def _supervised(make_settings: Any, settings: Any, seconds: float) -> Any:
         a1111_command=command,
         a1111_url=f"http://127.0.0.1:{port}",
         prefetch=2,
-        queue_name=settings.queue_name[0],
-        container_name=settings.container_name,
         visibility_timeout=60,
     )
 

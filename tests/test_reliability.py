@@ -126,8 +126,6 @@ async def test_sigterm_finishes_the_current_job_and_releases_the_rest(
             prefetch=2,
             shutdown_grace=10,
             visibility_timeout=60,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
         )
         queue = settings.queue_name[0]
         ids = await enqueue(storage, queue, 8)
@@ -154,8 +152,6 @@ async def test_second_signal_exits_at_once(
     async with own_standin(2) as slow:
         settings = make_settings(
             a1111_url=slow.url,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
             shutdown_grace=60,
         )
         await enqueue(storage, settings.queue_name[0], 1, n_iter=8)
@@ -191,8 +187,6 @@ async def test_grace_deadline_gives_the_cut_off_job_back(
     async with own_standin(2) as slow:
         settings = make_settings(
             a1111_url=slow.url,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
             shutdown_grace=1,
         )
         ids = await enqueue(storage, settings.queue_name[0], 1, n_iter=8)
@@ -255,9 +249,7 @@ async def test_out_of_memory_is_retried_then_poisoned(
 ) -> None:
     """Steps: A1111 answers 500 (CUDA out of memory) six times; with 2 dequeues allowed the job is tried
     3 times per dequeue, released in between, then poisoned with the reason. The worker goes on."""
-    settings = make_settings(
-        max_dequeue_count=2, queue_name=settings.queue_name[0], container_name=settings.container_name
-    )
+    settings = make_settings(max_dequeue_count=2)
     queue = settings.queue_name[0]
     worker = await warmed_worker(settings, max_jobs=1)
     await standin_call(settings.a1111_url, "POST", "/standin/faults", {"fail_next": 6})
@@ -281,9 +273,7 @@ async def test_a1111_rejection_goes_to_poison_at_once(
     """Steps: an A1111 that refuses unknown samplers (404, as up to 1.9); a job naming one is poisoned
     after a single try, with A1111's own error detail."""
     async with own_standin(0.02, ["--strict-samplers"]) as strict:
-        settings = make_settings(
-            a1111_url=strict.url, queue_name=settings.queue_name[0], container_name=settings.container_name
-        )
+        settings = make_settings(a1111_url=strict.url)
         await storage.send(
             settings.queue_name[0], json.dumps({**JOB, "id": "odd", "sampler_name": "Euler z"})
         )
@@ -298,9 +288,7 @@ async def test_hung_generation_is_interrupted_and_retried(
 ) -> None:
     """Steps: A1111 hangs on the first generation; after the 1 s deadline the worker interrupts it,
     releases the job, and the second try succeeds."""
-    settings = make_settings(
-        generation_timeout=1, queue_name=settings.queue_name[0], container_name=settings.container_name
-    )
+    settings = make_settings(generation_timeout=1)
     worker = await warmed_worker(settings, max_jobs=1)
     await standin_call(settings.a1111_url, "POST", "/standin/faults", {"hang_next": 1})
     await storage.send(settings.queue_name[0], json.dumps({**JOB, "id": "hung"}))
@@ -332,8 +320,6 @@ async def test_a1111_dying_mid_run_releases_everything_and_exits_non_zero(
             a1111_url=fragile.url,
             prefetch=2,
             visibility_timeout=60,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
         )
         ids = await enqueue(storage, settings.queue_name[0], 8)
         worker = WorkerProcess(settings, log_dir=tmp_path)
@@ -353,9 +339,7 @@ async def test_a_sick_node_stops_after_failures_in_a_row(
 ) -> None:
     """Steps: A1111 fails every call; the worker gives up after 5 failed jobs in a row (exit 1) instead
     of eating the queue, and the jobs stay on the queue, not on the poison queue."""
-    settings = make_settings(
-        max_dequeue_count=100, queue_name=settings.queue_name[0], container_name=settings.container_name
-    )
+    settings = make_settings(max_dequeue_count=100)
     worker = await warmed_worker(settings)
     await standin_call(settings.a1111_url, "POST", "/standin/faults", {"fail_next": 1000})
     ids = await enqueue(storage, settings.queue_name[0], 3)
@@ -373,8 +357,6 @@ async def test_lease_is_renewed_while_a_long_job_runs(
         settings = make_settings(
             a1111_url=slow.url,
             visibility_timeout=2,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
         )
         queue = settings.queue_name[0]
         await storage.send(queue, json.dumps({**JOB, "id": "long", "n_iter": 5}))
@@ -403,8 +385,6 @@ async def test_lost_lease_never_deletes_someone_elses_message(
         settings = make_settings(
             a1111_url=slow.url,
             visibility_timeout=2,
-            queue_name=settings.queue_name[0],
-            container_name=settings.container_name,
         )
         queue = settings.queue_name[0]
         await storage.send(queue, json.dumps({**JOB, "id": "taken", "n_iter": 4}))
