@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -17,6 +22,7 @@ from tenacity.stop import stop_base
 from sidecar.config import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -31,19 +37,27 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
-def retrying(settings: Settings, on: type[BaseException], attempts: int | None = None) -> AsyncRetrying:
+def retrying(
+    settings: Settings,
+    on: type[BaseException],
+    attempts: int | None = None,
+    *,
+    budget: float | None = None,
+    waited: int = 0,
+) -> AsyncRetrying:
     """Retry ``on`` errors within SIDECAR_RETRY_BUDGET seconds (and ``attempts`` tries, if given).
 
     Waits double from SIDECAR_RETRY_BASE_DELAY up to SIDECAR_RETRY_MAX_DELAY, plus up to one base delay
     of jitter so that a fleet does not retry in step. A base delay of 0 makes retries instant (tests).
+    ``budget`` and ``waited`` (backoff waits already taken) continue a retry that began elsewhere.
     """
-    stop: stop_base = stop_after_delay(settings.retry_budget)
+    stop: stop_base = stop_after_delay(settings.retry_budget if budget is None else budget)
     if attempts is not None:
         stop = stop | stop_after_attempt(attempts)
     return AsyncRetrying(
         retry=retry_if_exception_type(on),
         wait=wait_exponential_jitter(
-            multiplier=settings.retry_base_delay,
+            multiplier=settings.retry_base_delay * 2**waited,
             max=settings.retry_max_delay,
             jitter=settings.retry_base_delay,
         ),
@@ -51,3 +65,35 @@ def retrying(settings: Settings, on: type[BaseException], attempts: int | None =
         before_sleep=_log_retry,
         reraise=True,
     )
+
+
+async def call_with_retries(
+    settings: Settings,
+    on: type[BaseException],
+    operation: Callable[[], Awaitable[T]],
+    attempts: int | None = None,
+) -> T:
+    """``operation()``, retried like ``retrying`` when it raises ``on``.
+
+    The first try runs outside tenacity: building and stepping its retry state costs about 0.3 ms of
+    CPU per call, which on the per-job path (five storage calls and a txt2img) is a tenth of the
+    worker's CPU. Only a failed first try pays for it.
+    """
+    started = time.monotonic()
+    try:
+        return await operation()
+    except on as error:
+        # The same first wait as tenacity's: one base delay plus up to one base delay of jitter.
+        wait = min(settings.retry_base_delay * (1 + random.random()), settings.retry_max_delay)
+        if attempts == 1 or time.monotonic() - started + wait > settings.retry_budget:
+            raise
+        log.warning(
+            "%s; retry 1 in %.1fs", error, wait, extra={"stage": "retry", "error": type(error).__name__}
+        )
+    await asyncio.sleep(wait)
+    remaining = max(settings.retry_budget - (time.monotonic() - started), 0.0)
+    tries_left = None if attempts is None else attempts - 1
+    async for attempt in retrying(settings, on, tries_left, budget=remaining, waited=1):
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable")
