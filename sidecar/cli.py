@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvloop
 
 from sidecar import __version__, logs
-from sidecar.a1111 import A1111Client
+from sidecar.a1111 import A1111Client, http_client
 from sidecar.config import Settings, load_settings
 from sidecar.endpoints import Health, bound_port, serve
 from sidecar.errors import A1111Unavailable, ConfigError, SidecarError
@@ -57,8 +56,7 @@ async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_
     metrics = Metrics()
     storage = Storage.connect(settings)
     health = Health(storage_answering=lambda: storage.answering)
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    async with httpx.AsyncClient(base_url=settings.a1111_url, limits=limits, timeout=30.0) as http:
+    async with http_client(settings.a1111_url) as http:
         a1111 = A1111Client(http)
         worker = Worker(settings, storage, a1111, metrics, max_jobs=max_jobs, exit_when_empty=exit_when_empty)
         worker.on_stop = lambda: setattr(health, "draining", True)

@@ -32,7 +32,7 @@ import pybase64
 
 from sidecar import __version__
 from sidecar.a1111 import A1111Client, Generation
-from sidecar.backoff import retrying
+from sidecar.backoff import call_with_retries
 from sidecar.config import Settings
 from sidecar.errors import (
     A1111ServerError,
@@ -339,10 +339,13 @@ class Worker:
     async def _with_retries(self, job: Job, ahead: asyncio.Task[Generation | None] | None) -> Generation:
         """A 5xx from A1111 (CUDA out of memory, say) is tried again a few times before giving up."""
         s = self.settings
-        async for attempt in retrying(s, A1111ServerError, attempts=3):
-            with attempt:
-                return await self.a1111.txt2img(job.txt2img_payload(), s.generation_timeout, after=ahead)
-        raise AssertionError("unreachable")
+        payload = job.txt2img_payload()
+        return await call_with_retries(
+            s,
+            A1111ServerError,
+            lambda: self.a1111.txt2img(payload, s.generation_timeout, after=ahead),
+            attempts=3,
+        )
 
     async def _finish_in_slot(self, held: Held, generation: Generation) -> None:
         try:
@@ -402,7 +405,7 @@ class Worker:
             "queue": message.queue,
             "dequeue_count": message.dequeue_count,
             "job": held.job.received,
-            "request": held.job.txt2img_payload(),
+            "request": generation.request,
             "info": generation.info,
             "images": names,
             "timings": timings,
