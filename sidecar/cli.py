@@ -20,6 +20,7 @@ from sidecar.a1111 import A1111Client, http_client
 from sidecar.config import Settings, load_settings
 from sidecar.endpoints import Health, bound_port, serve
 from sidecar.errors import A1111Unavailable, ConfigError, SidecarError
+from sidecar.memory import keep_freed_memory
 from sidecar.observability import Metrics
 from sidecar.storage import Storage
 from sidecar.supervisor import Supervisor
@@ -122,6 +123,7 @@ async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settin
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure(settings.log_format)
+    keep_freed_memory()
     # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
     return uvloop.run(run_worker(settings, args.max_jobs, args.exit_when_empty))
 
