@@ -13,8 +13,10 @@ the moment its ``/readyz`` answers 200 until it exits:
   ``first_generation_ms`` (ready -> first generation) and ``tail_ms`` (last generation -> exit) are
   the rest;
 * ``gap_ms_p50``/``_p95``: idle time between one generation's end and the next one's start;
-* ``sidecar_cpu_ms_per_image``: the worker's CPU time (user + system) after readiness per image,
-  from /proc at readiness and ``wait4``'s rusage at exit;
+* ``sidecar_cpu_ms_per_image``: the worker's CPU time (user + system) per image from readiness
+  (/proc) to its ``stopped`` log line (its own ``os.times()`` once every job is done and its clients
+  are closed); ``sidecar_system_cpu_ms_per_image`` is the kernel's part of it, ``exit_cpu_ms`` the
+  interpreter's teardown after that line (``wait4``'s rusage), a fixed cost per process;
 * ``peak_rss_mb`` (rusage), ``rss_mb_at_half`` and ``rss_mb_at_end`` (VmRSS sampled every second);
 * ``uplink_busy_fraction``: how much of the run the shaped uplink was transmitting;
 * ``verified``: every job has its ``job.json``, the queue and the poison queue are empty, exit 0.
@@ -156,12 +158,12 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a running process from /proc/<pid>/stat."""
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a running process from /proc/<pid>/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     # fields after the command: state is field 3 of stat(5), utime 14, stime 15
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def proc_rss_mb(pid: int) -> float | None:
@@ -330,7 +332,8 @@ class Measured:
     ready: float
     exited: float
     exit_code: int
-    cpu_seconds: float
+    cpu_at_ready: tuple[float, float]  # (user, system) seconds, from /proc
+    cpu_at_exit: tuple[float, float]  # (user, system) seconds, from wait4's rusage
     peak_rss_mb: float
     rss: list[tuple[float, float]]
 
@@ -375,10 +378,24 @@ async def _run_worker(
         ready=ready,
         exited=exited,
         exit_code=exit_code,
-        cpu_seconds=usage.ru_utime + usage.ru_stime - cpu_at_ready,
+        cpu_at_ready=cpu_at_ready,
+        cpu_at_exit=(usage.ru_utime, usage.ru_stime),
         peak_rss_mb=usage.ru_maxrss / 1024,
         rss=rss,
     )
+
+
+def _cpu_seconds(measured: Measured, log: list[dict[str, Any]]) -> tuple[float, float, float | None]:
+    """The worker's CPU from readiness to its "stopped" line (all jobs done, clients closed): total,
+    system part, and what the interpreter's teardown after that line took (a fixed ~0.15 s per
+    process, nothing per image). Without the line (the worker was killed), up to its exit."""
+    stopped = next((e for e in reversed(log) if e.get("msg") == "stopped" and "cpu_user_s" in e), None)
+    user0, system0 = measured.cpu_at_ready
+    user1, system1 = measured.cpu_at_exit
+    if stopped is None:
+        return user1 + system1 - user0 - system0, system1 - system0, None
+    user, system = float(stopped["cpu_user_s"]), float(stopped["cpu_system_s"])
+    return user + system - user0 - system0, system - system0, max(user1 + system1 - user - system, 0.0)
 
 
 def _summarise(
@@ -403,6 +420,7 @@ def _summarise(
     rss_half = before_half[-1] if before_half else (measured.rss[0][1] if measured.rss else None)
     rss_end = measured.rss[-1][1] if measured.rss else None
     upload = [float(e["upload_s"]) for e in done if "upload_s" in e]
+    cpu, system_cpu, exit_cpu = _cpu_seconds(measured, log)
 
     verified = (
         measured.exit_code == 0
@@ -428,7 +446,10 @@ def _summarise(
         "gap_ms_p95": _r(percentile(gap_list, 95), 1),
         "upload_s_p50": _r(percentile(upload, 50), 3),
         "upload_s_p95": _r(percentile(upload, 95), 3),
-        "sidecar_cpu_ms_per_image": round(measured.cpu_seconds * 1000 / images, 2) if images else None,
+        "sidecar_cpu_ms_per_image": round(cpu * 1000 / images, 2) if images else None,
+        # the kernel's part (socket writes to the loopback proxy, epoll): not Python's
+        "sidecar_system_cpu_ms_per_image": round(system_cpu * 1000 / images, 2) if images else None,
+        "exit_cpu_ms": _r(exit_cpu * 1000 if exit_cpu is not None else None, 1),
         "peak_rss_mb": round(measured.peak_rss_mb, 1),
         "rss_mb_at_half": _r(rss_half, 1),
         "rss_mb_at_end": _r(rss_end, 1),

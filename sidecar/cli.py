@@ -89,7 +89,17 @@ async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_
                     code = await worker.run()
                 finally:
                     summary.cancel()
-                log.info("stopped", extra={"stage": "stop", **worker.outcomes})
+                cpu = os.times()
+                log.info(
+                    "stopped",
+                    extra={
+                        "stage": "stop",
+                        **worker.outcomes,
+                        # the process's CPU so far (the benchmark leaves out interpreter teardown)
+                        "cpu_user_s": round(cpu.user, 3),
+                        "cpu_system_s": round(cpu.system, 3),
+                    },
+                )
                 return code
         finally:
             health.draining = True
