@@ -314,7 +314,10 @@ async def test_a1111_dying_mid_run_releases_everything_and_exits_non_zero(
     make_settings: Any, own_standin: Any, storage: Storage, settings: Settings, tmp_path: Path
 ) -> None:
     """Steps: 8 jobs, prefetch 2; the stand-in crashes on its 4th txt2img call (the warm-up is the 1st).
-    The worker exits 1 within seconds and every unfinished job is visible again at once."""
+    The worker exits 1 within seconds and every unfinished job is visible again at once.
+
+    The crash comes as the 3rd call's answer is being encoded (outside the queue lock, as in A1111),
+    so that answer may die with the process: 1 or 2 jobs finish, and every other one is back."""
     async with own_standin(0.1, ["--crash-after", "3"]) as fragile:
         settings = make_settings(
             a1111_url=fragile.url,
@@ -328,9 +331,9 @@ async def test_a1111_dying_mid_run_releases_everything_and_exits_non_zero(
         finally:
             worker.stop()
         done = worker.done_jobs()
-        assert len(done) == 2
+        assert len(done) in (1, 2)
         assert await blob_names(storage) == expected_blobs(done)
-        assert len(await visible_messages(storage, settings.queue_name[0])) == len(ids) - 2
+        assert len(await visible_messages(storage, settings.queue_name[0])) == len(ids) - len(done)
         assert any("A1111" in entry["msg"] for entry in worker.lines() if entry["level"] == "error")
 
 
