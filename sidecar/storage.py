@@ -259,9 +259,9 @@ async def _send(
 
     The pipeline is the SDK's, whole: shared-key or Azure AD signing, user agent, request ids, its
     (disabled) retry policy and the aiohttp transport. Only the request is built here. The SDK's
-    public methods spend about as much CPU again around the pipeline (per-blob client objects,
-    paging, serialization, tracing wrappers): on receive, two uploads and delete, a third of the
-    worker's CPU per job. Everything else (create, update, send, poison) goes through the SDK.
+    public methods add ~0.7 ms of CPU per call around the pipeline (per-blob client objects, paging,
+    serialization, tracing wrappers): a 400 KB ``upload_blob`` took 2.3 ms where the same PUT through
+    the pipeline took 1.6 ms. Everything else (create, update, send, poison) goes through the SDK.
     """
     request = HttpRequest(
         method,
