@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("succeeded", "poisoned", "retried", "released", "abandoned", "lost")
@@ -83,6 +83,8 @@ class Metrics:
             "sidecar_ready", "1 when A1111 is warm and storage answers", registry=self.registry
         )
         self.images = Counter("sidecar_images", "Images stored", registry=self.registry)
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        ProcessCollector(registry=self.registry)
 
     def totals(self) -> dict[str, float]:
         """Images and jobs by outcome so far, for the periodic summary line."""
@@ -93,22 +95,25 @@ class Metrics:
         return totals
 
     async def summarize(self, interval: float) -> None:
-        """Every ``interval`` seconds, one log line: images/min, A1111 busy fraction, failures."""
-        previous = self.totals()
+        """Every ``interval`` seconds, one log line: images/min, A1111 busy fraction, failures, and the
+        worker's own CPU per image stored (its cost on the node; the benchmark's figure, live)."""
+        previous, cpu_before = self.totals(), time.process_time()
         while True:
             await asyncio.sleep(interval)
-            now = self.totals()
+            now, cpu = self.totals(), time.process_time()
             delta = {key: now.get(key, 0) - previous.get(key, 0) for key in now}
-            previous = now
+            previous, cpu_spent, cpu_before = now, cpu - cpu_before, cpu
+            images = delta.get("images", 0)
             log.info(
                 "summary",
                 extra={
                     "stage": "summary",
-                    "images_per_min": round(delta.get("images", 0) * 60 / interval, 1),
+                    "images_per_min": round(images * 60 / interval, 1),
                     "jobs_done": int(delta.get("succeeded", 0)),
                     "failures": int(sum(delta.get(k, 0) for k in ("retried", "poisoned", "abandoned"))),
                     "poisoned": int(delta.get("poisoned", 0)),
                     "a1111_busy_fraction": round(self.busy.fraction(), 3),
+                    "cpu_ms_per_image": round(cpu_spent * 1000 / images, 2) if images else None,
                 },
             )
 

@@ -63,6 +63,7 @@ async def test_endpoints_through_a_run(
             assert "sidecar_a1111_busy_fraction" in metrics
             assert 'sidecar_stage_seconds_count{stage="generate"} 3.0' in metrics
             assert "sidecar_in_flight" in metrics and "sidecar_images_total 3.0" in metrics
+            assert "process_cpu_seconds_total" in metrics and "process_resident_memory_bytes" in metrics
             await worker.wait_for(
                 lambda: any(m.get("images_per_min") for m in worker.messages("summary")),
                 what="a summary line with images",
@@ -82,6 +83,7 @@ async def test_endpoints_through_a_run(
     assert all(entry["stage"] == "done" and entry["generate_s"] > 0 and "ts" in entry for entry in done)
     summary = next(m for m in worker.messages("summary") if m.get("images_per_min"))
     assert {"a1111_busy_fraction", "failures", "jobs_done"} <= set(summary)
+    assert summary["cpu_ms_per_image"] > 0
 
 
 def _child_pid(worker: WorkerProcess) -> int | None:
