@@ -527,6 +527,8 @@ TABLE = (
     ("gap_ms_p50", "gap p50 (ms)"),
     ("gap_ms_p95", "gap p95 (ms)"),
     ("sidecar_cpu_ms_per_image", "CPU ms/image"),
+    ("sidecar_system_cpu_ms_per_image", "of it in the kernel (ms/image)"),
+    ("exit_cpu_ms", "interpreter teardown at exit (ms, not per image)"),
     ("peak_rss_mb", "peak RSS (MB)"),
     ("rss_mb_at_half", "RSS at half (MB)"),
     ("rss_mb_at_end", "RSS at end (MB)"),
