@@ -228,7 +228,8 @@ class Storage:
 
     async def upload(self, name: str, data: bytes, content: str) -> None:
         # Deterministic names + overwrite: a redelivered job replaces its blobs instead of duplicating them.
-        headers = {"x-ms-blob-type": "BlockBlob", "Content-Type": content}
+        # Put Blob stores Content-Type as the blob's; x-ms-blob-content-type too, as the SDK sends it.
+        headers = {"x-ms-blob-type": "BlockBlob", "x-ms-blob-content-type": content, "Content-Type": content}
         url = _child_url(self.container.url, quote(name))
         await self.retry(lambda: _send(self.container, "PUT", url, 201, headers=headers, content=data))
 
