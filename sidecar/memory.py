@@ -11,13 +11,10 @@ and a 64 MB trim threshold keep them: memory freed by one job serves the next.
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit systems
+MMAP_THRESHOLD = 32 << 20  # glibc's default upper bound for its dynamic threshold on 64-bit
 TRIM_THRESHOLD = 64 << 20
 
 

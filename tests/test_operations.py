@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from sidecar.config import load_settings
 from sidecar.devenv import free_port
+from sidecar.memory import keep_freed_memory
 from sidecar.storage import Storage
 from tests.helpers import WorkerProcess, blob_names, standin_generating, visible_messages, wait_until
 
@@ -169,3 +171,10 @@ def test_account_url_signs_in_with_azure_ad(monkeypatch: pytest.MonkeyPatch) -> 
     assert storage._queues.url.startswith("https://acct.queue.core.windows.net")
     assert storage._blobs.url.startswith("https://acct.blob.core.windows.net")
     assert type(storage._queues.credential).__name__ == "DefaultAzureCredential"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_allocator_thresholds_take_on_glibc() -> None:
+    """glibc's mallopt, reached through ctypes, accepts both settings (it returns 0 for a parameter or
+    value it refuses)."""
+    assert keep_freed_memory() is True
