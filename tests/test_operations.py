@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ import pytest
 
 from sidecar.config import load_settings
 from sidecar.devenv import free_port
-from sidecar.memory import keep_freed_memory
 from sidecar.storage import Storage
+from tests.conftest import ROOT
 from tests.helpers import WorkerProcess, blob_names, standin_generating, visible_messages, wait_until
 
 JOB = {"prompt": "a fox in a flower meadow <lora:more_details:0.7>", "sampler_name": "k_euler_a", "steps": 15}
@@ -173,8 +174,31 @@ def test_account_url_signs_in_with_azure_ad(monkeypatch: pytest.MonkeyPatch) -> 
     assert type(storage._queues.credential).__name__ == "DefaultAzureCredential"
 
 
+ALLOCATOR_PROBE = """
+import ctypes
+from sidecar.memory import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+assert keep_freed_memory()
+buffer = bytes(8 << 20)
+mmapped = libc.mallinfo2().hblkhd
+del buffer
+print(mmapped, libc.mallinfo2().fordblks)
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_allocator_thresholds_take_on_glibc() -> None:
-    """glibc's mallopt, reached through ctypes, accepts both settings (it returns 0 for a parameter or
-    value it refuses)."""
-    assert keep_freed_memory() is True
+def test_big_buffers_come_from_the_heap_and_stay_for_the_next_job() -> None:
+    """An 8 MB buffer (a large txt2img answer) is served from the heap, not a fresh mmap, and its memory
+    stays free in the heap after it is released, for the next job to reuse without page faults."""
+    probe = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_PROBE], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    mmapped, free_in_heap = map(int, probe.stdout.split())
+    assert mmapped < 8 << 20
+    assert free_in_heap >= 8 << 20
