@@ -72,26 +72,30 @@ async def call_with_retries(
     on: type[BaseException],
     operation: Callable[[], Awaitable[T]],
     attempts: int | None = None,
+    *,
+    budget: float | None = None,
 ) -> T:
-    """``operation()``, retried like ``retrying`` when it raises ``on``.
+    """``operation()``, retried like ``retrying`` when it raises ``on``, within ``budget`` seconds
+    (default SIDECAR_RETRY_BUDGET).
 
     The first try runs outside tenacity: building and stepping its retry state costs about 0.3 ms of
     CPU per call, which on the per-job path (five storage calls and a txt2img) is a tenth of the
     worker's CPU. Only a failed first try pays for it.
     """
     started = time.monotonic()
+    total = settings.retry_budget if budget is None else budget
     try:
         return await operation()
     except on as error:
         # The same first wait as tenacity's: one base delay plus up to one base delay of jitter.
         wait = min(settings.retry_base_delay * (1 + random.random()), settings.retry_max_delay)
-        if attempts == 1 or time.monotonic() - started + wait > settings.retry_budget:
+        if attempts == 1 or time.monotonic() - started + wait > total:
             raise
         log.warning(
             "%s; retry 1 in %.1fs", error, wait, extra={"stage": "retry", "error": type(error).__name__}
         )
     await asyncio.sleep(wait)
-    remaining = max(settings.retry_budget - (time.monotonic() - started), 0.0)
+    remaining = max(total - (time.monotonic() - started), 0.0)
     tries_left = None if attempts is None else attempts - 1
     async for attempt in retrying(settings, on, tries_left, budget=remaining, waited=1):
         with attempt:

@@ -56,10 +56,10 @@ async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_
     """Start up (endpoints, A1111, storage, warm-up), then process jobs. Returns the exit code."""
     metrics = Metrics()
     storage = Storage.connect(settings)
-    health = Health(storage_answering=lambda: storage.answering)
     async with http_client(settings.a1111_url) as http:
         a1111 = A1111Client(http)
         worker = Worker(settings, storage, a1111, metrics, max_jobs=max_jobs, exit_when_empty=exit_when_empty)
+        health = Health(storage_answering=lambda: storage.answering, fatal=lambda: worker.fatal)
         worker.on_stop = lambda: setattr(health, "draining", True)
         supervisor = (
             Supervisor(settings.a1111_command, worker.a1111_exited) if settings.a1111_command else None
@@ -110,23 +110,39 @@ async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_
 
 
 async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settings: Settings) -> int | None:
-    """Storage answers and A1111 passes its warm-up; an exit code if that cannot be (or a signal came)."""
-    startup: asyncio.Future[Any] = asyncio.gather(
-        storage.ensure(), a1111.wait_ready(settings.a1111_start_timeout)
-    )
-    stop: asyncio.Future[Any] = asyncio.ensure_future(worker.stopping.wait())
-    await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if not startup.done():
-        startup.cancel()
-        with contextlib.suppress(asyncio.CancelledError, SidecarError):
-            await startup
-        return 1 if worker.fatal else 0
+    """Storage answers and A1111 passes its warm-up; an exit code if that cannot be (or a signal came).
+
+    Every way it can fail ends in one line: storage refusing (a wrong key, an API version, a queue it
+    may not create) or unreachable after the retry budget (host and the OS's reason), A1111 not usable.
+    """
+    steps: set[asyncio.Task[Any]] = {
+        asyncio.create_task(storage.ensure(), name="storage"),
+        asyncio.create_task(a1111.wait_ready(settings.a1111_start_timeout), name="a1111"),
+    }
+    stop: asyncio.Task[Any] = asyncio.create_task(worker.stopping.wait())
+    pending = set(steps)
     try:
-        await startup
-    except A1111Unavailable as error:
-        log.error("A1111 is not usable: %s", error, extra={"stage": "start"})
-        return 3
+        while pending and not stop.done():
+            done, pending = await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stop)
+            for step in done - {stop}:
+                error = step.exception()
+                if isinstance(error, A1111Unavailable):
+                    log.error("A1111 is not usable: %s", error, extra={"stage": "start"})
+                    return 3
+                if isinstance(error, SidecarError):
+                    log.error(
+                        "storage is not usable: %s", error, extra={"stage": "start", "error": error.kind}
+                    )
+                    return 1
+                if error is not None:
+                    raise error
+    finally:
+        for task in [*pending, stop]:
+            task.cancel()
+        await asyncio.gather(*pending, stop, return_exceptions=True)
+    if pending:  # a signal (or A1111 exiting) came first
+        return 1 if worker.fatal else 0
     return None
 
 
@@ -145,6 +161,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = load_settings()
     if (args.file is None) == (args.generate is None):
         raise SystemExit("enqueue: give exactly one of --file or --generate")
+    if args.ttl is not None and args.ttl != -1 and not 1 <= args.ttl <= 7 * 24 * 3600:
+        raise SystemExit("enqueue: --ttl must be -1 (never expire) or 1..604800 seconds")
     for name in ("generate", "concurrency", "start_line"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -188,6 +206,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 total=total,
                 on_bad=print_bad(),
                 stop=stop,
+                time_to_live=-1 if args.ttl is None else args.ttl,
             )
         except EnqueueStopped as error:
             print(f"enqueue: stopped: {error.reason}", file=sys.stderr)
@@ -269,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="L",
         help="skip the lines (or generated jobs) before L: resumes a run that stopped",
     )
+    enq.add_argument(
+        "--ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="messages expire after SECONDS (default: never; Azure's own default would be 7 days)",
+    )
     enq.set_defaults(func=cmd_enqueue)
 
     status = commands.add_parser("status", help="queue depth, poison reasons, results")
@@ -311,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"a1111-sidecar: configuration error: {error}", file=sys.stderr)
         code = 2
+    except SidecarError as error:  # storage refusing, say: one line, never a traceback
+        print(f"a1111-sidecar: {error}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

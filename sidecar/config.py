@@ -6,6 +6,7 @@ variable; secret values (connection strings, keys) are never echoed.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from collections.abc import Mapping
@@ -22,6 +23,17 @@ _QUEUE_NAME = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
 _CONTAINER_NAME = _QUEUE_NAME
 
 _SECRET_FIELDS = {"storage_connection_string"}
+
+# Each try of a request that keeps a lease (renew, release, delete) ends within this many seconds
+# at most: a renewal can then be retried before the message becomes visible again, instead of
+# waiting on one dead connection for the whole read timeout.
+LEASE_REQUEST_TIMEOUT = 10.0
+
+
+def lease_request_timeout(visibility: float) -> float:
+    """Seconds one try of a lease request may take: a sixth of the visibility timeout, at most 10 s,
+    so that a renewal begun at half-life has room for a second try before the visibility runs out."""
+    return min(LEASE_REQUEST_TIMEOUT, visibility / 6)
 
 
 def _check_queue_name(name: str) -> str:
@@ -125,7 +137,38 @@ class Settings(BaseSettings):
             )
         if self.poll_interval_max < self.poll_interval_min:
             raise ValueError("SIDECAR_POLL_INTERVAL_MAX must not be below SIDECAR_POLL_INTERVAL_MIN")
+        if self.storage_connection_string is None and self.storage_account_url is not None:
+            if not self.storage_account_url.startswith("https://"):
+                raise ValueError(
+                    "SIDECAR_STORAGE_ACCOUNT_URL: Azure AD sign-in sends tokens only over https:// "
+                    f"(got {self.storage_account_url!r})"
+                )
+        for queue in self.queue_name:
+            poison = self.poison_queue_for(queue)
+            if not _QUEUE_NAME.match(poison):
+                raise ValueError(
+                    f"SIDECAR_QUEUE_NAME: its poison queue {poison!r} is not a valid queue name "
+                    "(at most 63 characters): shorten the queue name or set SIDECAR_POISON_QUEUE_NAME"
+                )
+        self._check_lease_timing()
         return self
+
+    def _check_lease_timing(self) -> None:
+        """A renewal starts at half-life; two tries and the wait between them must fit before the
+        message becomes visible again, or a single slow request loses the lease."""
+        visibility = self.visibility_timeout
+        window = visibility / 2
+        wait = min(2 * self.retry_base_delay, self.retry_max_delay)  # the first backoff, jitter included
+        if 2 * lease_request_timeout(visibility) + wait <= window:
+            return
+        needed = 6 * wait if 6 * wait <= 6 * LEASE_REQUEST_TIMEOUT else 2 * wait + 4 * LEASE_REQUEST_TIMEOUT
+        raise ValueError(
+            f"SIDECAR_VISIBILITY_TIMEOUT: {visibility}s leaves a renewal begun at half-life no room to "
+            f"retry before the message becomes visible (two tries of "
+            f"{lease_request_timeout(visibility):g}s and a backoff of up to {wait:g}s from "
+            f"SIDECAR_RETRY_BASE_DELAY); raise it to at least {math.ceil(needed)} or lower "
+            "SIDECAR_RETRY_BASE_DELAY"
+        )
 
     def poison_queue_for(self, queue: str) -> str:
         return self.poison_queue_name or f"{queue}-poison"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.errors import SidecarError
 from sidecar.observability import Metrics
 
 
@@ -19,13 +20,18 @@ class Health:
     a1111_warm: bool = False
     draining: bool = False
     storage_answering: Callable[[], bool] = field(default=lambda: False)
+    # why the worker is stopping for good (a storage refusal, A1111 gone), once it is
+    fatal: Callable[[], SidecarError | None] = field(default=lambda: None)
 
     @property
     def ready(self) -> bool:
-        return self.a1111_warm and self.storage_answering() and not self.draining
+        return self.a1111_warm and self.storage_answering() and not self.draining and self.fatal() is None
 
     def reasons(self) -> list[str]:
         reasons = []
+        fatal = self.fatal()
+        if fatal is not None:
+            reasons.append(f"stopping: {fatal}")
         if not self.a1111_warm:
             reasons.append("A1111 has not passed its warm-up")
         if not self.storage_answering():

@@ -28,7 +28,7 @@ from typing import BinaryIO, TextIO
 from sidecar.errors import InvalidJob, StorageUnavailable
 from sidecar.jobs import MAX_MESSAGE_BYTES, Limits, parse_job
 from sidecar.prompts import generate_jobs
-from sidecar.storage import Storage, classify
+from sidecar.storage import NEVER_EXPIRES, Storage, classify
 
 KEEP_BAD = 100  # bad lines kept in the report for callers; all of them go to ``on_bad``
 MAX_LINE_BYTES = MAX_MESSAGE_BYTES + 2  # a message, plus CRLF
@@ -211,12 +211,14 @@ async def enqueue(
     on_bad: Callable[[int, str], None] | None = None,
     stop: asyncio.Event | None = None,
     progress_stream: TextIO = sys.stderr,
+    time_to_live: int = NEVER_EXPIRES,
 ) -> Report:
     """Validate and send every item; raises ``EnqueueStopped`` (with the report) if it ends early.
 
     ``total`` (items expected) or a ``JsonlFile`` (bytes) gives the progress bar its percentage.
     ``on_bad(line, reason)`` hears of each skipped line as it is found; ``stop`` ends the run early
-    (Ctrl-C): sends in flight finish, nothing more is taken.
+    (Ctrl-C): sends in flight finish, nothing more is taken. Messages never expire unless
+    ``time_to_live`` (seconds) says otherwise: Azure's default of 7 days would drop a long backlog.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -278,12 +280,15 @@ async def enqueue(
         # transient; anything else (auth, a missing queue) stops the run.
         client = clients[shard]
         try:
-            await client.send_message(body)
+            await client.send_message(body, time_to_live=time_to_live)
         except Exception as error:
-            mapped = classify(error)
+            mapped = classify(error, account=storage.account, operation=f"send to queue {queues[shard]}")
             if not isinstance(mapped, StorageUnavailable):
                 raise mapped from error
-            await storage.retry(lambda: client.send_message(body))
+            await storage.retry(
+                lambda: client.send_message(body, time_to_live=time_to_live),
+                what=f"send to queue {queues[shard]}",
+            )
 
     async def sender() -> None:
         while (job := take()) is not None:

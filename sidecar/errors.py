@@ -14,6 +14,11 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     │   └── A1111Rejected     4xx from A1111 (unknown sampler, validation error)
     ├── LeaseLost             another consumer owns the message now (404 or pop-receipt mismatch):
     │                         the worker stops caring for that job and never deletes the message
+    ├── FatalError            retrying cannot fix it and no job can succeed on this node: the worker
+    │   │                     stops at once (nothing more is deleted, held messages are released where
+    │   │                     storage still allows it, /readyz turns 503) and exits 1
+    │   └── StorageRefused    credentials refused or expired, queue or container deleted, account gone,
+    │                         403 from a firewall or RBAC, an API version the endpoint does not serve
     └── ConfigError           a bad setting; the worker does not start
 """
 
@@ -71,6 +76,33 @@ class A1111Rejected(PermanentError):
 
 class LeaseLost(SidecarError):
     """The message's pop receipt is no longer ours."""
+
+
+class FatalError(SidecarError):
+    """This node can do nothing useful until someone fixes what the message names."""
+
+
+class StorageRefused(FatalError):
+    """Storage refused a request for a reason that retrying cannot fix.
+
+    The text names the account, the operation and Azure's error code, so that the one line the
+    worker exits with tells an operator what to fix.
+    """
+
+    def __init__(
+        self, account: str, operation: str, status: int, code: str, hint: str = "", detail: str = ""
+    ) -> None:
+        what = f"{status} {code}".strip() if status else code
+        text = f"storage account {account or '?'} refused {operation}: {what}"
+        if detail:
+            text += f" ({detail})"
+        if hint:
+            text += f"; {hint}"
+        super().__init__(text)
+        self.account = account
+        self.operation = operation
+        self.status = status
+        self.code = code
 
 
 class ConfigError(SidecarError):

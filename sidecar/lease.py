@@ -2,65 +2,99 @@
 
 Like the Azure Functions queue trigger, a held message's visibility is renewed at half-life with the
 newest pop receipt. Renewals, deletes and releases of one message take turns behind a lock, since each
-needs the pop receipt the previous one returned. A 404 or pop-receipt mismatch means another consumer
-owns the message now: the lease is marked lost and the message is never deleted by this worker.
+needs the pop receipt the previous one returned: settling waits for a renewal already in flight and
+uses the receipt it brought back. A 404 or pop-receipt mismatch means another consumer owns the
+message now: the lease is marked lost and the message is never deleted by this worker.
+
+A renewal is retried only while it can still land before the visibility runs out (each try is
+bounded by ``lease_request_timeout``; the settings check at start that two tries fit in the window).
+A renewal storage refuses for good ends the lease too (the job is given up, never deleted) and tells
+the worker, which stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
-from sidecar.errors import LeaseLost, SidecarError, StorageUnavailable
-from sidecar.storage import Message, Storage, StorageRejected
+from sidecar.config import lease_request_timeout
+from sidecar.errors import LeaseLost, SidecarError, StorageRefused, StorageUnavailable
+from sidecar.storage import Message, Storage
 
 log = logging.getLogger(__name__)
 
 
 class Lease:
-    def __init__(self, storage: Storage, message: Message, visibility: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        message: Message,
+        visibility: int,
+        on_refused: Callable[[StorageRefused], None] = lambda error: None,
+    ) -> None:
         self.storage = storage
         self.message = message
         self.visibility = visibility
         self.lost = False
         self.ended = False
+        self._on_refused = on_refused
         self._lock = asyncio.Lock()
+        # When the message becomes visible again unless renewed (monotonic clock).
+        self.expires_at = time.monotonic() + visibility
         self._task = asyncio.create_task(self._keep(), name=f"lease-{message.id}")
 
     async def _keep(self) -> None:
         while True:
-            await asyncio.sleep(self.visibility / 2)
+            await asyncio.sleep(max(0.0, self.expires_at - self.visibility / 2 - time.monotonic()))
             async with self._lock:
-                if self.ended:
+                if self.ended or self.lost:
                     return
+                # Retry only while a try can still land before the message becomes visible.
+                budget = self.expires_at - time.monotonic() - lease_request_timeout(self.visibility)
+                renewed_at = time.monotonic()
                 try:
-                    await self.storage.set_visibility(self.message, self.visibility)
+                    await self.storage.set_visibility(self.message, self.visibility, budget=max(budget, 0.0))
                 except LeaseLost:
-                    self.lost = True
-                    log.warning("lease lost", extra={"message_id": self.message.id, "stage": "lease"})
+                    self._lose("lease lost")
                     return
-                except (StorageUnavailable, StorageRejected) as error:
-                    # The next half-life tries again; until the lease runs out the message is still ours.
-                    log.warning("lease renewal failed: %s", error, extra={"message_id": self.message.id})
+                except StorageRefused as error:
+                    self._lose(f"lease renewal refused: {error}")
+                    self._on_refused(error)
+                    return
+                except StorageUnavailable as error:
+                    self._lose(f"lease ran out, renewal failed: {error}")
+                    return
+                self.expires_at = renewed_at + self.visibility
+
+    def _lose(self, why: str) -> None:
+        self.lost = True
+        log.warning(why, extra={"message_id": self.message.id, "stage": "lease"})
 
     async def _end(self, what: str, action: Callable[[], Awaitable[None]]) -> bool:
-        """Stop renewing, then run ``action`` on the message. False if it was no longer ours."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        """Stop renewing, then run ``action`` on the message. False if it was no longer ours.
+
+        The lock is taken first: a renewal in flight finishes (its new pop receipt is the one the
+        action needs) before the renewer is stopped.
+        """
         async with self._lock:
+            self._task.cancel()
             if self.ended or self.lost:
                 self.ended = True
                 return False
-            self.ended = True
             try:
                 await action()
             except LeaseLost:
-                self.lost = True
+                self.lost = self.ended = True
                 log.warning("message no longer ours at %s", what, extra={"message_id": self.message.id})
                 return False
+            except StorageRefused:
+                raise  # still held: the worker's last act is to try releasing it
+            except BaseException:
+                self.ended = True
+                raise
+            self.ended = True
             return True
 
     async def complete(self) -> bool:

@@ -37,16 +37,18 @@ from sidecar.config import Settings
 from sidecar.errors import (
     A1111ServerError,
     A1111Unavailable,
+    FatalError,
     InvalidJob,
     PermanentError,
     SidecarError,
+    StorageRefused,
     TransientError,
 )
 from sidecar.jobs import Job, Limits, job_id_hint, parse_job
 from sidecar.lease import Lease
 from sidecar.observability import Metrics
 from sidecar.polling import Poller
-from sidecar.storage import JSON, PNG, Storage, StorageRejected
+from sidecar.storage import JSON, PNG, Storage
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Worker:
         self.fatal: SidecarError | None = None
         self.stopping = asyncio.Event()  # no more fetching
         self._stop_requested = asyncio.Event()  # a signal: the grace period applies
+        self._aborted = asyncio.Event()  # a FatalError: stop at once, finish nothing
         self._wake = asyncio.Event()
         self._ready: asyncio.Queue[Held | None] = asyncio.Queue()
         self._upload_slots = asyncio.Semaphore(settings.upload_concurrency)
@@ -107,6 +110,14 @@ class Worker:
         self.stopping.set()
         self._wake.set()
 
+    def _abort(self, error: FatalError) -> None:
+        """Retrying cannot fix this (storage refused us): stop at once. Nothing more is deleted or
+        reported; what is held is released on the way out, where storage still allows it."""
+        if self.fatal is None or not isinstance(self.fatal, FatalError):
+            self.fatal = error
+        self._aborted.set()
+        self._stop()
+
     def a1111_exited(self, code: int) -> None:
         """The supervised A1111 died: drain, give back what is held, exit non-zero."""
         self.fatal = A1111Unavailable(f"A1111 exited with code {code}")
@@ -124,17 +135,26 @@ class Worker:
         """Process jobs until stopped, drained (--exit-when-empty) or done (--max-jobs). Exit code."""
         work = asyncio.create_task(self._work(), name="work")
         signalled = asyncio.create_task(self._stop_requested.wait())
+        aborted = asyncio.create_task(self._aborted.wait())
         try:
-            await asyncio.wait({work, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, signalled, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and self._aborted.is_set():
+                work.cancel()
+                await asyncio.wait({work})
             if not work.done():
-                _, late = await asyncio.wait({work}, timeout=self.settings.shutdown_grace)
-                if late:
-                    log.warning("grace period over; giving back what is still held", extra={"stage": "stop"})
+                grace = asyncio.create_task(asyncio.sleep(self.settings.shutdown_grace))
+                await asyncio.wait({work, grace, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                grace.cancel()
+                if not work.done():
+                    if not self._aborted.is_set():
+                        log.warning(
+                            "grace period over; giving back what is still held", extra={"stage": "stop"}
+                        )
                     work.cancel()
                     await asyncio.wait({work})
             error = None if work.cancelled() else work.exception()
-            if isinstance(error, StorageRejected):
-                self.fatal = error
+            if isinstance(error, FatalError):
+                self._abort(error)
             elif error is not None:
                 log.error("unexpected error; stopping", exc_info=error, extra={"stage": "stop"})
                 self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")
@@ -144,6 +164,7 @@ class Worker:
             raise
         finally:
             signalled.cancel()
+            aborted.cancel()
             await self._release_all()
         if self.fatal is not None:
             log.error("stopping: %s", self.fatal, extra={"stage": "stop", "error": self.fatal.kind})
@@ -289,7 +310,7 @@ class Worker:
             return None
         batch = []
         for message in messages:
-            lease = Lease(self.storage, message, self.settings.visibility_timeout)
+            lease = Lease(self.storage, message, self.settings.visibility_timeout, on_refused=self._abort)
             self._held.add(lease)
             try:
                 job = parse_job(message.content, message.id, self.limits)
@@ -388,12 +409,14 @@ class Worker:
         finally:
             self.metrics.in_flight.labels("upload").dec()
         timings["total_s"] = round(time.time() - held.fetched_at, 4)
+        if self._aborted.is_set():
+            return  # stopping for good: the message is released on the way out, not deleted
         if await self._outcome("succeeded", held.lease, held.lease.complete()) != "succeeded":
             log.warning("blobs stored, but the message is not ours to delete", extra={"job_id": job.id})
             return
-        await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
         self.metrics.images.inc(len(names))
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
+        await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
 
     def _record(
         self, held: Held, generation: Generation, names: list[str], timings: dict[str, float]
@@ -451,8 +474,12 @@ class Worker:
             log.warning("could not settle %s: %s", lease.message.id, error, extra={"error": error.kind})
             lease.abandon()
             outcome, ours = "abandoned", True
-        finally:
+        except StorageRefused:
+            raise  # still held: released on the way out, where storage allows it
+        except BaseException:
             self._held.discard(lease)
+            raise
+        self._held.discard(lease)
         self._wake.set()
         outcome = outcome if ours else "lost"
         self.outcomes[outcome] += 1
@@ -482,15 +509,25 @@ class Worker:
         }
         if error is not None:
             body["error"] = {"type": error.kind, "detail": str(error)}
-        with contextlib.suppress(TransientError):
+        try:
             await self._storage_call(self.storage.send(queue, json.dumps(body)))
+        except TransientError as error:
+            log.warning(
+                "result message not sent: %s",
+                error,
+                extra={"job_id": job_id, "stage": "notify", "error": error.kind, "status": status},
+            )
 
     async def _storage_call(self, awaitable: Any) -> Any:
-        """Storage refusing us for good (auth, a deleted account) ends the worker."""
+        """Storage refusing us for good (credentials, a deleted queue or container) ends the worker
+        at once: the refusal is raised on, so the stage that met it goes no further."""
         try:
             return await awaitable
-        except StorageRejected as error:
-            self.fatal = error
+        except StorageRefused as error:
+            self._abort(error)
+            raise
+        except (SidecarError, asyncio.CancelledError):
+            raise
         except Exception as error:
             log.exception("unexpected error; stopping", extra={"stage": "stop"})
             self.fatal = SidecarError(f"unexpected {type(error).__name__}: {error}")

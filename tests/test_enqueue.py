@@ -194,7 +194,7 @@ class FakeQueue:
     def __init__(self) -> None:
         self.count = 0
 
-    async def send_message(self, content: str) -> None:
+    async def send_message(self, content: str, time_to_live: int | None = None) -> None:
         self.count += 1
         await asyncio.sleep(0)
 
@@ -236,7 +236,7 @@ async def test_a_failing_send_stops_the_run_and_names_the_line_to_resume_from(se
         await storage.close()
     report = stopped.value.report
     assert report.sent == 0 and report.resume_line == 1
-    assert "StorageRejected" in stopped.value.reason and "QueueNotFound" in stopped.value.reason
+    assert "StorageRefused" in stopped.value.reason and "QueueNotFound" in stopped.value.reason
 
 
 async def test_interrupt_finishes_sends_in_flight_and_reports(storage: Storage, settings: Settings) -> None:

@@ -14,8 +14,8 @@ from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_ac
 from sidecar.backoff import call_with_retries
 from sidecar.cli import run_worker
 from sidecar.config import Settings
-from sidecar.errors import LeaseLost, StorageUnavailable
-from sidecar.storage import JSON, PNG, Storage, StorageRejected
+from sidecar.errors import LeaseLost, StorageRefused, StorageUnavailable
+from sidecar.storage import JSON, PNG, Storage
 from tests.helpers import blob_names, queue_length, read_blob
 
 
@@ -81,9 +81,9 @@ async def test_missing_container_or_queue_is_refused_not_retried(make_settings: 
     settings = make_settings()
     storage = Storage.connect(settings)  # nothing created
     try:
-        with pytest.raises(StorageRejected, match="404"):
+        with pytest.raises(StorageRefused, match="404"):
             await storage.upload("x/0.png", b"x", PNG)
-        with pytest.raises(StorageRejected, match="404"):
+        with pytest.raises(StorageRefused, match="404"):
             await storage.receive(settings.queue_name[0], 1, 30)
     finally:
         await storage.close()
