@@ -52,10 +52,13 @@ class Lease:
                 if self.ended or self.lost:
                     return
                 # Retry only while a try can still land before the message becomes visible.
-                budget = self.expires_at - time.monotonic() - lease_request_timeout(self.visibility)
+                timeout = lease_request_timeout(self.visibility)
+                budget = self.expires_at - time.monotonic() - timeout
                 renewed_at = time.monotonic()
                 try:
-                    await self.storage.set_visibility(self.message, self.visibility, budget=max(budget, 0.0))
+                    await self.storage.set_visibility(
+                        self.message, self.visibility, budget=max(budget, 0.0), timeout=timeout
+                    )
                 except LeaseLost:
                     self._lose("lease lost")
                     return
@@ -98,14 +101,21 @@ class Lease:
             return True
 
     async def complete(self) -> bool:
-        return await self._end("delete", lambda: self.storage.delete(self.message))
+        return await self._end(
+            "delete", lambda: self.storage.delete(self.message, ours_until=self.expires_at)
+        )
 
     async def release(self, delay: int = 0) -> bool:
         """Make the message visible again after ``delay`` seconds (0: at once, for another node)."""
-        return await self._end("release", lambda: self.storage.set_visibility(self.message, delay))
+        return await self._end(
+            "release",
+            lambda: self.storage.set_visibility(self.message, delay, ours_until=self.expires_at),
+        )
 
     async def poison(self, job_id: str | None, error: SidecarError) -> bool:
-        return await self._end("poison", lambda: self.storage.poison(self.message, job_id, error))
+        return await self._end(
+            "poison", lambda: self.storage.poison(self.message, job_id, error, ours_until=self.expires_at)
+        )
 
     def abandon(self) -> None:
         """Stop renewing without touching the message (it comes back when its visibility runs out)."""

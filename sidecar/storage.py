@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,11 +54,17 @@ NEVER_EXPIRES = -1  # time_to_live of every message the project sends: Azure's d
 CONNECTION_TIMEOUT = 10
 READ_TIMEOUT = 60
 
+# Refusals of a create that mean "this credential may not", not "this credential is wrong".
+_MAY_NOT_CREATE = {
+    "AuthorizationPermissionMismatch",
+    "AuthorizationFailure",
+    "AuthorizationResourceTypeMismatch",
+}
 # What an operator should do about a refusal, by Azure's error code.
 _HINTS = {
     "AuthenticationFailed": "the account key or SAS is wrong or has expired",
     "InvalidAuthenticationInfo": "the credential is not valid for this account",
-    "AuthorizationFailure": "this credential may not do it (a firewall, the SAS permissions or RBAC)",
+    "AuthorizationFailure": "the credential was refused (an expired or too narrow SAS, a firewall, or RBAC)",
     "AuthorizationPermissionMismatch": "the SAS or role does not grant this permission",
     "AuthorizationResourceTypeMismatch": "the SAS does not cover this kind of resource",
     "AuthorizationServiceMismatch": "the SAS does not cover this service",
@@ -147,7 +155,8 @@ def transport_reason(error: BaseException) -> str:
         if isinstance(current, aiohttp.ClientConnectorDNSError):
             return f"{current.host}:{current.port} name does not resolve"
         if isinstance(current, aiohttp.ClientConnectorError):
-            reason = current.os_error.strerror or str(current.os_error)
+            os_error = current.os_error
+            reason = os.strerror(os_error.errno) if os_error.errno else (os_error.strerror or str(os_error))
             return f"{current.host}:{current.port} {reason.lower()}"
         if isinstance(current, socket.gaierror):
             return "name does not resolve"
@@ -263,7 +272,7 @@ class Storage:
             try:
                 await self.retry(once, what=f"create {kind} {name}")
             except StorageRefused as refused:
-                if refused.status != 403:
+                if refused.code not in _MAY_NOT_CREATE:
                     raise
                 try:
                     await self.retry(exists, what=f"read {kind} {name}")
@@ -310,13 +319,24 @@ class Storage:
 
         return await self.retry(call, what=f"receive from queue {queue}")
 
-    async def set_visibility(self, message: Message, seconds: int, *, budget: float | None = None) -> None:
-        """Renew (seconds > 0) or release (0) a held message; keeps the newest pop receipt.
+    async def set_visibility(
+        self,
+        message: Message,
+        seconds: int,
+        *,
+        budget: float | None = None,
+        ours_until: float | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Renew (seconds > 0) or release (0) a held message; keeps the newest pop receipt. Each try
+        ends within ``timeout`` seconds (default: what the visibility timeout allows a lease request).
 
-        A release whose earlier try may have landed (no answer came) and whose retry then finds the
-        receipt changed or the message gone has done its work: the message is visible again.
+        A release that finds the receipt changed has done its work when our own try may have changed
+        it: after a try with no answer, or while the lease (``ours_until``) had not run out (aiohttp
+        resends a PUT whose answer was lost). A renewal in that case has lost the new receipt: the
+        lease is lost.
         """
-        timeout = self._lease_timeout()
+        timeout = self._lease_timeout() if timeout is None else timeout
         maybe_done = False
 
         async def call() -> None:
@@ -338,13 +358,19 @@ class Storage:
         try:
             await self.retry(call, message_op=True, what=what, budget=budget)
         except LeaseLost:
-            if not (maybe_done and seconds == 0):
+            still_ours = ours_until is not None and time.monotonic() < ours_until
+            if seconds != 0 or not (maybe_done or still_ours):
                 raise
             log.info("release of %s had landed already", message.id, extra={"message_id": message.id})
 
-    async def delete(self, message: Message) -> None:
-        """Delete a held message. A retry after an unanswered try that finds the message gone means
-        the first try deleted it: that is a success, not a lost lease."""
+    async def delete(self, message: Message, *, ours_until: float | None = None) -> None:
+        """Delete a held message.
+
+        MessageNotFound is a lost lease, unless our own try may have deleted it: a retry after a try
+        that got no answer, or any answer while the lease (``ours_until``, monotonic clock) had not
+        run out, when no other consumer could have received the message. aiohttp itself resends a
+        DELETE whose connection closed before the answer, so the first answer seen may be that 404.
+        """
         client = self.queue(message.queue)
         url = _child_url(
             client.url, f"messages/{quote(message.id, safe='')}", {"popreceipt": message.pop_receipt}
@@ -357,7 +383,8 @@ class Storage:
             try:
                 await _send(client, "DELETE", url, 204, timeout=timeout)
             except HttpResponseError as error:
-                if maybe_done and _error_code(error) == "MessageNotFound":
+                still_ours = ours_until is not None and time.monotonic() < ours_until
+                if (maybe_done or still_ours) and _error_code(error) == "MessageNotFound":
                     log.info("delete of %s had landed already", message.id, extra={"message_id": message.id})
                     return
                 maybe_done = maybe_done or _may_have_landed(error)
@@ -374,7 +401,14 @@ class Storage:
             what=f"send to queue {queue}",
         )
 
-    async def poison(self, message: Message, job_id: str | None, error: SidecarError | str) -> None:
+    async def poison(
+        self,
+        message: Message,
+        job_id: str | None,
+        error: SidecarError | str,
+        *,
+        ours_until: float | None = None,
+    ) -> None:
         """Copy the message with the reason to the poison queue, then delete the original."""
         kind = error.kind if isinstance(error, SidecarError) else "Error"
         body = {
@@ -393,7 +427,7 @@ class Storage:
             body["original_blob"] = name
             text = json.dumps(body, ensure_ascii=False)
         await self.send(self.settings.poison_queue_for(message.queue), text)
-        await self.delete(message)
+        await self.delete(message, ours_until=ours_until)
 
     async def upload(self, name: str, data: bytes, content: str) -> None:
         # Deterministic names + overwrite: a redelivered job replaces its blobs instead of duplicating them.

@@ -371,6 +371,8 @@ class Worker:
     async def _finish_in_slot(self, held: Held, generation: Generation) -> None:
         try:
             await self._finish(held, generation)
+        except FatalError:
+            pass  # already told to the worker (_abort), which stops and releases the message
         finally:
             self._upload_slots.release()
 
