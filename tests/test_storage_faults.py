@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -232,10 +233,13 @@ async def test_container_deleted_mid_run_stops_the_worker_and_keeps_every_job(
         await worker.wait_for(lambda: len(worker.done_jobs()) == 2, what="two jobs")
         assert len(await blob_names(storage)) == 4
         await storage.container.delete_container()
+        deleted_at = time.monotonic()
         later = [f"after-{index}" for index in range(4)]
         for job_id in later:
             await storage.send(queue, json.dumps({**JOB, "id": job_id}))
         assert await worker.wait_exit(20) == 1
+        # a refusal is not retried: the exit comes well within the retry budget (2 s), with slack
+        assert time.monotonic() - deleted_at < 2.0 + 5.0
     finally:
         worker.stop()
     assert sorted(worker.done_jobs()) == ["before-0", "before-1"]
