@@ -315,3 +315,37 @@ async def test_a_sas_expiring_mid_run_turns_readyz_503_then_exits_1(
     assert done <= stored
     # Nothing but the stored jobs left the queue (the count includes messages still invisible).
     assert await queue_length(storage, queue) == 40 - len(done)
+
+
+async def test_a_result_message_that_cannot_be_sent_is_logged_and_the_job_still_done(
+    make_settings: Any,
+    front: AzureQueueFront,
+    azurite_server: Azurite,
+    storage: Storage,
+    settings: Settings,
+    standin: Any,
+    tmp_path: Path,
+) -> None:
+    """Steps: the result queue answers 503 to every send (throttled past the retry budget). The job's
+    blobs are stored and its message deleted; the lost result message is a warning with the job id."""
+    result_queue = f"{settings.queue_name[0]}-results"
+    run_settings = make_settings(
+        storage_connection_string=front.connection_string(azurite_server.blob_port),
+        result_queue_name=result_queue,
+        retry_budget=0.5,
+    )
+    queue = settings.queue_name[0]
+    front.refuse(
+        lambda method, path, query: method == "POST" and f"/{result_queue}/" in path, 503, "ServerBusy"
+    )
+    await storage.send(queue, json.dumps({**JOB, "id": "unreported"}))
+    worker = WorkerProcess(run_settings, "--exit-when-empty", log_dir=tmp_path)
+    try:
+        assert await worker.wait_exit(30) == 0, worker.tail()
+    finally:
+        worker.stop()
+    assert worker.done_jobs() == ["unreported"]
+    assert await blob_names(storage) == ["unreported/0.png", "unreported/job.json"]
+    (warning,) = worker.messages("result message not sent: storage answered 503 ServerBusy")
+    assert warning["job_id"] == "unreported" and warning["status"] == "succeeded"
+    assert any(code == "ServerBusy" for _, code, _ in front.stats.refused)
