@@ -88,11 +88,14 @@ class A1111Client:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
 
-    async def wait_ready(self, timeout: float, poll: float = 1.0) -> None:
+    async def wait_ready(self, timeout: float, generation_timeout: float, poll: float = 1.0) -> None:
         """Wait until the API answers, then prove the model works with a warm-up generation.
 
         A1111 answers its GET endpoints while the model still loads, and a first generation may fail
-        (out of memory while loading): both are tried again until ``timeout``.
+        (out of memory while loading): both are tried again until ``timeout``. A generation left
+        running by a previous worker (killed while its job hung) is interrupted first: nobody waits
+        for it, and the warm-up would queue behind it. The warm-up itself has the deadline of any
+        generation, not the whole start timeout.
         """
         deadline = time.monotonic() + timeout
         last = "no answer yet"
@@ -100,7 +103,9 @@ class A1111Client:
             try:
                 response = await self.http.get("/sdapi/v1/sd-models", timeout=10.0)
                 if response.status_code == 200:
-                    await self.txt2img(WARM_UP, timeout=max(1.0, deadline - time.monotonic()))
+                    await self.stop_leftover(generation_timeout)
+                    left = max(1.0, deadline - time.monotonic())
+                    await self.txt2img(WARM_UP, timeout=min(generation_timeout, left))
                     log.info("A1111 is ready", extra={"stage": "a1111_ready"})
                     return
                 last = f"GET /sdapi/v1/sd-models answered {response.status_code}"
@@ -112,6 +117,34 @@ class A1111Client:
                 raise A1111Unavailable(f"A1111 refused the warm-up generation: {error}") from None
             if time.monotonic() + poll > deadline:
                 raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
+            await asyncio.sleep(poll)
+
+    async def busy(self) -> bool:
+        """Is A1111 generating now? (``/sdapi/v1/progress``: ``state.job`` is set while a job runs.)"""
+        response = await self.http.get(
+            "/sdapi/v1/progress", params={"skip_current_image": "true"}, timeout=10.0
+        )
+        if response.status_code != 200:
+            return False
+        try:
+            state = response.json().get("state") or {}
+        except ValueError:
+            return False
+        return bool(state.get("job")) or int(state.get("job_count") or 0) > 0
+
+    async def stop_leftover(self, within: float, poll: float = 0.2) -> None:
+        """Interrupt a generation nobody waits for and wait (at most ``within`` s) until it has ended."""
+        if not await self.busy():
+            return
+        log.warning(
+            "A1111 is generating for nobody (a previous worker's job): interrupting it",
+            extra={"stage": "a1111_ready"},
+        )
+        await self.interrupt()
+        ends = time.monotonic() + within
+        while await self.busy():
+            if time.monotonic() > ends:
+                raise A1111Timeout(f"A1111 still generating {within:.0f}s after an interrupt")
             await asyncio.sleep(poll)
 
     async def txt2img(

@@ -52,13 +52,26 @@ def capture_signals(worker: Worker) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def run_worker(settings: Settings, max_jobs: int | None = None, exit_when_empty: bool = False) -> int:
+async def run_worker(
+    settings: Settings,
+    max_jobs: int | None = None,
+    exit_when_empty: bool = False,
+    wait_invisible: float = 0.0,
+) -> int:
     """Start up (endpoints, A1111, storage, warm-up), then process jobs. Returns the exit code."""
     metrics = Metrics()
     storage = Storage.connect(settings)
     async with http_client(settings.a1111_url) as http:
         a1111 = A1111Client(http)
-        worker = Worker(settings, storage, a1111, metrics, max_jobs=max_jobs, exit_when_empty=exit_when_empty)
+        worker = Worker(
+            settings,
+            storage,
+            a1111,
+            metrics,
+            max_jobs=max_jobs,
+            exit_when_empty=exit_when_empty,
+            wait_invisible=wait_invisible,
+        )
         health = Health(storage_answering=lambda: storage.answering, fatal=lambda: worker.fatal)
         worker.on_stop = lambda: setattr(health, "draining", True)
         supervisor = (
@@ -117,7 +130,9 @@ async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settin
     """
     steps: set[asyncio.Task[Any]] = {
         asyncio.create_task(storage.ensure(), name="storage"),
-        asyncio.create_task(a1111.wait_ready(settings.a1111_start_timeout), name="a1111"),
+        asyncio.create_task(
+            a1111.wait_ready(settings.a1111_start_timeout, settings.generation_timeout), name="a1111"
+        ),
     }
     stop: asyncio.Task[Any] = asyncio.create_task(worker.stopping.wait())
     pending = set(steps)
@@ -151,7 +166,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format)
     keep_freed_memory()
     # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
-    return uvloop.run(run_worker(settings, args.max_jobs, args.exit_when_empty))
+    if args.wait_invisible < 0 or (args.wait_invisible and not args.exit_when_empty):
+        raise SystemExit("run: --wait-invisible takes seconds >= 0, with --exit-when-empty")
+    return uvloop.run(run_worker(settings, args.max_jobs, args.exit_when_empty, args.wait_invisible))
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -266,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the worker: runs until SIGTERM/SIGINT")
     run.add_argument("--max-jobs", type=int, default=None, help="stop after N finished jobs")
     run.add_argument("--exit-when-empty", action="store_true", help="drain the queue, then exit 0")
+    run.add_argument(
+        "--wait-invisible",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --exit-when-empty: wait up to SECONDS for messages still invisible under other "
+        "(perhaps dead) consumers' leases to come back, and run them",
+    )
     run.set_defaults(func=cmd_run)
 
     enq = commands.add_parser("enqueue", help="put jobs on the queue (validated; spread over shards)")

@@ -11,7 +11,11 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     │   └── StorageUnavailable  connection errors, timeouts, 5xx and 429 (throttling) from Azure Storage
     ├── PermanentError        straight to the poison queue, never retried
     │   ├── InvalidJob        the message is not a valid job (names the field and the reason)
-    │   └── A1111Rejected     4xx from A1111 (unknown sampler, validation error)
+    │   ├── A1111Rejected     4xx from A1111 (unknown sampler, validation error)
+    │   ├── TooManyTries      received more than SIDECAR_MAX_DEQUEUE_COUNT times (say, a worker died
+    │   │                     on it each time): poisoned on receipt, before anything else is done
+    │   └── Unexpected        any other exception while handling one message: that message is
+    │                         poisoned with the exception's type and text, the worker goes on
     ├── LeaseLost             another consumer owns the message now (404 or pop-receipt mismatch):
     │                         the worker stops caring for that job and never deletes the message
     ├── FatalError            retrying cannot fix it and no job can succeed on this node: the worker
@@ -72,6 +76,22 @@ class A1111Rejected(PermanentError):
         super().__init__(f"A1111 rejected the job ({status}): {detail}")
         self.status = status
         self.detail = detail
+
+
+class TooManyTries(PermanentError):
+    pass
+
+
+class Unexpected(PermanentError):
+    """An exception nobody planned for, met while handling one message; ``kind`` is its type."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}"[:2000])
+        self.error = error
+
+    @property
+    def kind(self) -> str:
+        return type(self.error).__name__
 
 
 class LeaseLost(SidecarError):

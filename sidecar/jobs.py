@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from sidecar.errors import InvalidJob
 
 MAX_MESSAGE_BYTES = 64 * 1024
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Matched whole (fullmatch): with re.match, "$" would also match before a trailing newline.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # Legacy k-diffusion names (the aliases of A1111's modules/sd_samplers_kdiffusion.py). Current A1111
 # looks samplers up by their canonical name only: it answers 404 to these, or in 1.10 silently runs
@@ -53,10 +56,13 @@ LEGACY_SAMPLERS: dict[str, tuple[str, str | None]] = {
     "unipc": ("UniPC", None),
 }
 
-# Free text (prompts): any printable unicode, tabs and newlines; no other control characters.
-_TEXT = re.compile(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")
-# Names of things installed on the node (checkpoints, VAEs, styles, samplers, upscalers): never a path.
-_NAME = re.compile(r"^(?!.*\.\.)[^\x00-\x1f\x7f/\\:*?\"<>|]{1,256}$")
+# Free text (prompts): any printable unicode, tabs and newlines; no other control characters, C0 or C1
+# (U+0080-U+009F: U+009B is a terminal's escape). "\Z", not "$": "$" also matches before a final newline.
+_TEXT = re.compile(r"\A[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*\Z")
+# Names of things installed on the node (checkpoints, VAEs, styles, samplers, upscalers): never a path,
+# no control characters at all (a newline included). Look-alike dots and slashes are caught after NFKC
+# normalisation (``_check_name``).
+_NAME = re.compile(r"\A(?!.*\.\.)[^\x00-\x1f\x7f-\x9f/\\:*?\"<>|]{1,256}\Z")
 
 Text = Annotated[str, StringConstraints(max_length=32_768, pattern=_TEXT)]
 Name = Annotated[str, StringConstraints(pattern=_NAME)]
@@ -64,7 +70,7 @@ Seed = Annotated[int, Field(ge=-1, le=2**32 - 1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelOverrides(_Strict):
@@ -73,6 +79,13 @@ class ModelOverrides(_Strict):
     sd_model_checkpoint: Name | None = None
     sd_vae: Name | None = None
     CLIP_stop_at_last_layers: Annotated[int, Field(ge=1, le=12)] | None = None
+
+    @field_validator("sd_model_checkpoint", "sd_vae")
+    @classmethod
+    def _check_names(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_name(value)
+        return value
 
 
 class JobSpec(_Strict):
@@ -113,9 +126,37 @@ class JobSpec(_Strict):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str | None) -> str | None:
-        if value is not None and (not JOB_ID_PATTERN.match(value) or set(value) == {"."}):
+        if value is not None and not valid_job_id(value):
             raise ValueError("must match [A-Za-z0-9._-]{1,128} and not be only dots")
         return value
+
+    @field_validator(
+        "sampler_name",
+        "scheduler",
+        "hr_upscaler",
+        "hr_checkpoint_name",
+        "hr_sampler_name",
+        "hr_scheduler",
+        "styles",
+    )
+    @classmethod
+    def _check_names(cls, value: Any) -> Any:
+        for name in value if isinstance(value, list) else [value]:
+            if name is not None:
+                _check_name(name)
+        return value
+
+
+def valid_job_id(value: str) -> bool:
+    """A job id names blobs (``<id>/0.png``): ASCII letters, digits, ``.``, ``_``, ``-``, matched whole."""
+    return JOB_ID_PATTERN.fullmatch(value) is not None and set(value) != {"."}
+
+
+def _check_name(name: str) -> None:
+    """A name's compatibility form must not be a path either: U+2025 is "..", U+FF0F is "/"."""
+    folded = unicodedata.normalize("NFKC", name)
+    if ".." in folded or any(char in folded for char in "/\\") or folded != folded.strip("\r\n"):
+        raise ValueError("must be a name, not a path (no '/', '\\', '..' or look-alikes of them)")
 
 
 @dataclass(frozen=True)
@@ -174,8 +215,13 @@ def _first_error(error: ValidationError) -> InvalidJob:
     first = error.errors(include_url=False)[0]
     loc = ".".join(str(part) for part in first["loc"]) or "message"
     kind = first["type"]
+    if kind == "extra_forbidden" and first["loc"] and first["loc"][-1] == "":
+        return InvalidJob("message", "has an empty key")
     if kind == "extra_forbidden":
         return InvalidJob(loc, "is not an allowed field")
+    if kind == "finite_number":
+        shown = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(str(first.get("input")), "that")
+        return InvalidJob(loc, f"must be a finite number, not {shown}")
     if kind == "missing":
         return InvalidJob(loc, "is required")
     if kind == "json_invalid":
@@ -191,6 +237,7 @@ def _first_error(error: ValidationError) -> InvalidJob:
 
 
 def check_limits(spec: JobSpec, limits: Limits) -> None:
+    """The size, step and image limits; with ``enable_hr`` also the upscaled size A1111 would make."""
     for field, value, top in (
         ("width", spec.width, limits.max_width),
         ("height", spec.height, limits.max_height),
@@ -204,21 +251,52 @@ def check_limits(spec: JobSpec, limits: Limits) -> None:
     for field, value in (("steps", spec.steps), ("hr_second_pass_steps", spec.hr_second_pass_steps)):
         if value is not None and value > limits.max_steps:
             raise InvalidJob(field, f"{value} is above the limit of {limits.max_steps}")
+    if spec.enable_hr:
+        width, height = spec.width or 512, spec.height or 512
+        if spec.hr_resize_x or spec.hr_resize_y:
+            # A1111 keeps the aspect ratio when only one of them is set
+            out_w = spec.hr_resize_x or math.ceil(width * spec.hr_resize_y / height)  # type: ignore[operator]
+            out_h = spec.hr_resize_y or math.ceil(height * spec.hr_resize_x / width)  # type: ignore[operator]
+            field = "hr_resize_x" if out_w > limits.max_width else "hr_resize_y"
+        else:
+            scale = 2.0 if spec.hr_scale is None else spec.hr_scale  # A1111's default
+            out_w, out_h = int(width * scale), int(height * scale)
+            field = "hr_scale"
+        if out_w > limits.max_width or out_h > limits.max_height:
+            raise InvalidJob(
+                field,
+                f"the upscaled image would be {out_w}x{out_h}; the limit is "
+                f"{limits.max_width}x{limits.max_height}",
+            )
     images = (spec.batch_size or 1) * (spec.n_iter or 1)
     if images > limits.max_images:
         raise InvalidJob("batch_size", f"batch_size*n_iter is {images}; the limit is {limits.max_images}")
 
 
 def job_id_hint(text: str) -> str | None:
-    """The producer's job id of a message that failed validation, when one can be read safely."""
+    """The producer's job id of a message that failed validation, when one can be read safely.
+
+    Anything can be in such a message (1,000 levels of nesting make ``json`` raise RecursionError):
+    no error of reading it may escape, the hint is only a courtesy."""
     try:
         data = json.loads(decode_message(text))
-    except (InvalidJob, ValueError):
+        job_id = data.get("id") if isinstance(data, dict) else None
+    except Exception:
         return None
-    job_id = data.get("id") if isinstance(data, dict) else None
-    if isinstance(job_id, str) and JOB_ID_PATTERN.match(job_id) and set(job_id) != {"."}:
+    if isinstance(job_id, str) and valid_job_id(job_id):
         return job_id
     return None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidJob(
+                key or "message", "appears twice in the message" if key else "has two empty keys"
+            )
+        seen[key] = value
+    return seen
 
 
 def parse_job(text: str, message_id: str, limits: Limits | None = None) -> Job:
@@ -229,8 +307,9 @@ def parse_job(text: str, message_id: str, limits: Limits | None = None) -> Job:
     except ValidationError as error:
         raise _first_error(error) from None
     check_limits(spec, limits or Limits())
-    received = json.loads(data)
+    # A duplicate key is a producer's bug: which of the two did it mean? (The model read the last.)
+    received = json.loads(data, object_pairs_hook=_no_duplicate_keys)
     job_id = spec.id or message_id
-    if not JOB_ID_PATTERN.match(job_id):
+    if not valid_job_id(job_id):
         raise InvalidJob("id", "the message id cannot serve as a job id")
     return Job(id=job_id, spec=spec, received=received)

@@ -51,6 +51,7 @@ JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
 MAX_QUEUE_MESSAGE_BYTES = 64 * 1024
 NEVER_EXPIRES = -1  # time_to_live of every message the project sends: Azure's default is 7 days
+LAST_TRY_TIMEOUT = 0.5  # the one try a call gets after the deadline (a release on the way out)
 CONNECTION_TIMEOUT = 10
 READ_TIMEOUT = 60
 
@@ -179,6 +180,10 @@ class Storage:
         self._queue_clients: dict[str, QueueClient] = {}
         self.answering = False  # did the last call reach storage? (for /readyz)
         self.account = str(queues.account_name or blobs.account_name or "")
+        # Once set (monotonic clock; SIGTERM sets it to the end of the grace period), every call ends
+        # by then: its retries and each try's timeout are cut to fit, and a call made later gets one
+        # short try.
+        self.deadline: float | None = None
         self.container: ContainerClient = blobs.get_container_client(settings.container_name)
 
     @classmethod
@@ -249,7 +254,16 @@ class Storage:
             self.answering = True
             return result
 
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic())
+            budget = min(self.settings.retry_budget if budget is None else budget, left)
         return await call_with_retries(self.settings, StorageUnavailable, once, budget=budget)
+
+    def _try_timeout(self, default: float) -> float:
+        """Seconds one try may take: ``default``, cut to what is left before the deadline."""
+        if self.deadline is None:
+            return default
+        return max(LAST_TRY_TIMEOUT, min(default, self.deadline - time.monotonic()))
 
     async def ensure(self) -> None:
         """Create the queues and the container if they are missing.
@@ -336,7 +350,7 @@ class Storage:
         resends a PUT whose answer was lost). A renewal in that case has lost the new receipt: the
         lease is lost.
         """
-        timeout = self._lease_timeout() if timeout is None else timeout
+        timeout = self._try_timeout(self._lease_timeout() if timeout is None else timeout)
         maybe_done = False
 
         async def call() -> None:
@@ -375,12 +389,12 @@ class Storage:
         url = _child_url(
             client.url, f"messages/{quote(message.id, safe='')}", {"popreceipt": message.pop_receipt}
         )
-        timeout = self._lease_timeout()
         maybe_done = False
 
         async def call() -> None:
             nonlocal maybe_done
             try:
+                timeout = self._try_timeout(self._lease_timeout())
                 await _send(client, "DELETE", url, 204, timeout=timeout)
             except HttpResponseError as error:
                 still_ours = ours_until is not None and time.monotonic() < ours_until
@@ -396,10 +410,44 @@ class Storage:
         await self.retry(call, message_op=True, what=f"delete message {message.id} on queue {message.queue}")
 
     async def send(self, queue: str, text: str) -> None:
-        await self.retry(
-            lambda: self.queue(queue).send_message(text, time_to_live=NEVER_EXPIRES),
-            what=f"send to queue {queue}",
-        )
+        def call() -> Awaitable[Any]:
+            timeout = self._try_timeout(READ_TIMEOUT)
+            return self.queue(queue).send_message(
+                text, time_to_live=NEVER_EXPIRES, connection_timeout=timeout, read_timeout=timeout
+            )
+
+        await self.retry(call, what=f"send to queue {queue}")
+
+    async def approximate_count(self, queue: str) -> int:
+        """Messages in ``queue``, visible or not (Azure's approximate count)."""
+        props = await self.retry(self.queue(queue).get_queue_properties, what=f"read queue {queue}")
+        return int(props.approximate_message_count or 0)
+
+    # -- what the last try of a message met: read when the message comes back one time too many ------
+
+    def _failure_blob(self, message: Message) -> str:
+        return f"_failures/{message.queue}/{message.id}.json"
+
+    async def record_failure(self, message: Message, reason: str) -> None:
+        """Note why this try failed, for the try that finds the message over its dequeue limit (best
+        effort: a node whose credential may not write it just gives a vaguer poison reason)."""
+        body = json.dumps({"dequeue_count": message.dequeue_count, "reason": reason}).encode()
+        try:  # one try: it must not hold up the release that follows when storage is slow or away
+            await self.upload(self._failure_blob(message), body, JSON, budget=0.0)
+        except Exception as error:
+            log.debug("could not record the failure of %s: %s", message.id, error)
+
+    async def last_failure(self, message: Message) -> str | None:
+        try:
+            blob = self.container.get_blob_client(self._failure_blob(message))
+            data = json.loads(await (await blob.download_blob()).readall())
+            return f"try {data['dequeue_count']}: {data['reason']}"
+        except Exception:
+            return None
+
+    async def forget_failure(self, message: Message) -> None:
+        with contextlib.suppress(Exception):
+            await self.container.delete_blob(self._failure_blob(message))
 
     async def poison(
         self,
@@ -429,14 +477,23 @@ class Storage:
         await self.send(self.settings.poison_queue_for(message.queue), text)
         await self.delete(message, ours_until=ours_until)
 
-    async def upload(self, name: str, data: bytes, content: str) -> None:
+    async def upload(self, name: str, data: bytes, content: str, *, budget: float | None = None) -> None:
         # Deterministic names + overwrite: a redelivered job replaces its blobs instead of duplicating them.
         # Put Blob stores Content-Type as the blob's; x-ms-blob-content-type too, as the SDK sends it.
         headers = {"x-ms-blob-type": "BlockBlob", "x-ms-blob-content-type": content, "Content-Type": content}
         url = _child_url(self.container.url, quote(name))
         await self.retry(
-            lambda: _send(self.container, "PUT", url, 201, headers=headers, content=data),
+            lambda: _send(
+                self.container,
+                "PUT",
+                url,
+                201,
+                headers=headers,
+                content=data,
+                timeout=None if self.deadline is None else self._try_timeout(READ_TIMEOUT),
+            ),
             what=f"upload blob {name} to container {self.settings.container_name}",
+            budget=budget,
         )
 
     def _lease_timeout(self) -> float:

@@ -42,13 +42,15 @@ from sidecar.errors import (
     PermanentError,
     SidecarError,
     StorageRefused,
+    TooManyTries,
     TransientError,
+    Unexpected,
 )
 from sidecar.jobs import Job, Limits, job_id_hint, parse_job
 from sidecar.lease import Lease
 from sidecar.observability import Metrics
 from sidecar.polling import Poller
-from sidecar.storage import JSON, PNG, Storage
+from sidecar.storage import JSON, PNG, Message, Storage
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Worker:
         *,
         max_jobs: int | None = None,
         exit_when_empty: bool = False,
+        wait_invisible: float = 0.0,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -82,6 +85,11 @@ class Worker:
         self.metrics = metrics
         self.max_jobs = max_jobs
         self.exit_when_empty = exit_when_empty
+        # With --exit-when-empty: how long to wait for messages still invisible (held by a consumer
+        # that may be dead) to come back before calling the queue drained.
+        self.wait_invisible = wait_invisible
+        self._empty_since: float | None = None
+        self.drained = False
         self.limits = Limits(settings.max_width, settings.max_height, settings.max_steps, settings.max_images)
         self.outcomes: Counter[str] = Counter()
         self.fatal: SidecarError | None = None
@@ -100,7 +108,9 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """First SIGTERM/SIGINT: stop fetching, finish what runs within the grace period."""
+        """First SIGTERM/SIGINT: stop fetching, finish what runs within the grace period. Every storage
+        call from now on ends within it, the releases on the way out get one short try after it."""
+        self.storage.deadline = time.monotonic() + self.settings.shutdown_grace
         self._stop_requested.set()
         self._stop()
 
@@ -169,7 +179,23 @@ class Worker:
         if self.fatal is not None:
             log.error("stopping: %s", self.fatal, extra={"stage": "stop", "error": self.fatal.kind})
             return 1
+        if self.drained:
+            await self._report_invisible()
         return 0
+
+    async def _report_invisible(self) -> None:
+        """The drain's last word: how many messages are still invisible (held by other consumers, or
+        by dead ones until their visibility runs out); --wait-invisible waits for them."""
+        try:
+            counts = await asyncio.gather(
+                *(self.storage.approximate_count(q) for q in self.settings.queue_name)
+            )
+        except SidecarError as error:
+            log.warning("drained; could not count what is left: %s", error, extra={"stage": "stop"})
+            return
+        left = sum(counts)
+        text = f"drained; {left} message(s) still invisible under other consumers' leases"
+        log.info(text if left else "drained; the queue is empty", extra={"stage": "stop", "invisible": left})
 
     async def _work(self) -> None:
         try:
@@ -179,6 +205,7 @@ class Worker:
                 generator = asyncio.create_task(self._generate_loop(), name="generator")
                 try:
                     await self._fetch_loop()
+                    await self._give_back_waiting()
                 finally:
                     self._ready.put_nowait(None)
                     await generator
@@ -189,6 +216,17 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*list(self._finishing), return_exceptions=True)
             raise
+
+    async def _give_back_waiting(self) -> None:
+        """Stopping: the prefetched jobs no generation has taken go back at once, for other nodes."""
+        waiting: list[Held] = []
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            if item is not None:
+                waiting.append(item)
+        if waiting:
+            log.info("giving back %d prefetched job(s)", len(waiting), extra={"stage": "stop"})
+            await asyncio.gather(*(self._give_back(held) for held in waiting), return_exceptions=True)
 
     async def _release_all(self) -> None:
         """Give back every message still held (visibility 0), so another node takes it at once."""
@@ -288,7 +326,7 @@ class Worker:
         except TransientError as error:
             log.warning("cannot fetch jobs: %s", error, extra={"stage": "receive", "error": error.kind})
             batch = []
-        if batch is None and self._empty_and_idle():
+        if batch is None and await self._empty_and_idle():
             return None
         if not batch:
             await self._idle()
@@ -313,19 +351,69 @@ class Worker:
             lease = Lease(self.storage, message, self.settings.visibility_timeout, on_refused=self._abort)
             self._held.add(lease)
             try:
-                job = parse_job(message.content, message.id, self.limits)
-            except InvalidJob as error:
-                hint = job_id_hint(message.content)
-                log.warning(
-                    "invalid job: %s",
-                    error,
-                    extra={"message_id": message.id, "job_id": hint, "stage": "validate"},
-                )
-                await self._outcome("poisoned", lease, lease.poison(hint, error))
-                await self._notify(hint or message.id, "failed", [], [], {}, error)
+                held = await self._admit(message, lease)
+            except (FatalError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                # Whatever one message does, it stops only itself (the Functions queue trigger's rule).
+                await self._poison_unexpected(lease, error)
                 continue
-            batch.append(Held(lease, job))
+            if held is not None:
+                batch.append(held)
         return batch
+
+    async def _admit(self, message: Message, lease: Lease) -> Held | None:
+        """A received message as a job to run, or None once it went to the poison queue: tried too
+        often (checked before anything else is done with it, as the Functions trigger does) or
+        not a valid job."""
+        limit = self.settings.max_dequeue_count
+        if message.dequeue_count > limit:
+            last = await self.storage.last_failure(message)
+            error: PermanentError = TooManyTries(
+                f"received {message.dequeue_count} times, more than SIDECAR_MAX_DEQUEUE_COUNT={limit}; "
+                + (
+                    f"last failure: {last}"
+                    if last
+                    else "no try recorded a failure (a worker may have died on it)"
+                )
+            )
+        else:
+            try:
+                return Held(lease, parse_job(message.content, message.id, self.limits))
+            except InvalidJob as invalid:
+                error = invalid
+        hint = job_id_hint(message.content)
+        log.warning(
+            "invalid job: %s" if isinstance(error, InvalidJob) else "job poisoned on receipt: %s",
+            error,
+            extra={"message_id": message.id, "job_id": hint, "stage": "validate"},
+        )
+        await self._outcome("poisoned", lease, lease.poison(hint, error))
+        await self._notify(hint or message.id, "failed", [], [], {}, error)
+        if message.dequeue_count > 1:
+            await self.storage.forget_failure(message)
+        return None
+
+    async def _poison_unexpected(self, lease: Lease, error: Exception) -> None:
+        """An exception nobody planned for: poison that one message with it, never stop the worker."""
+        message = lease.message
+        log.error(
+            "unexpected %s while handling message %s; poisoning it",
+            type(error).__name__,
+            message.id,
+            exc_info=error,
+            extra={"message_id": message.id, "stage": "contain"},
+        )
+        try:
+            await self._outcome(
+                "poisoned", lease, lease.poison(job_id_hint(message.content), Unexpected(error))
+            )
+        except (FatalError, asyncio.CancelledError):
+            raise
+        except Exception as again:
+            log.error("could not poison %s either (%s): it comes back later", message.id, again)
+            lease.abandon()
+            self._held.discard(lease)
 
     async def _generate(
         self, held: Held, ahead: asyncio.Task[Generation | None] | None = None
@@ -337,6 +425,12 @@ class Worker:
                 generation = await self._with_retries(job, ahead)
         except (TransientError, PermanentError) as error:
             await self._fail(held, error)
+            return None
+        except SidecarError:
+            raise
+        except Exception as error:
+            log.error("unexpected error generating %s", job.id, exc_info=error, extra={"job_id": job.id})
+            await self._fail(held, Unexpected(error))
             return None
         except asyncio.CancelledError:
             # Cut off by the shutdown deadline: A1111 would go on generating for nobody.
@@ -408,6 +502,12 @@ class Worker:
         except TransientError as error:
             await self._fail(held, error)
             return
+        except SidecarError:
+            raise
+        except Exception as error:
+            log.error("unexpected error storing %s", job.id, exc_info=error, extra={"job_id": job.id})
+            await self._fail(held, Unexpected(error))
+            return
         finally:
             self.metrics.in_flight.labels("upload").dec()
         timings["total_s"] = round(time.time() - held.fetched_at, 4)
@@ -418,6 +518,8 @@ class Worker:
             return
         self.metrics.images.inc(len(names))
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
+        if held.lease.message.dequeue_count > 1:
+            await self.storage.forget_failure(held.lease.message)
         await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
 
     def _record(
@@ -444,19 +546,32 @@ class Worker:
     async def _fail(self, held: Held, error: SidecarError) -> None:
         job, message = held.job, held.lease.message
         extra = {"job_id": job.id, "message_id": message.id, "error": error.kind}
+        last_try = message.dequeue_count >= self.settings.max_dequeue_count
         if isinstance(error, A1111Unavailable):
-            # A1111 is gone: this node can do nothing useful. Hand the job back and let it restart.
+            # A1111 is gone: this node can do nothing useful; it stops and is restarted. The job counts
+            # a try, so one that kills A1111 every time is poisoned at the limit, naming the cause.
             self.fatal = error
             self._stop()
-            await self._give_back(held)
+            if last_try:
+                died = A1111Unavailable(
+                    f"A1111 went away during this job on try {message.dequeue_count} of "
+                    f"{self.settings.max_dequeue_count}: {error}"
+                )
+                log.warning("job failed for good: %s", died, extra=extra)
+                await self._outcome("poisoned", held.lease, held.lease.poison(job.id, died))
+                await self._notify(job.id, "failed", [], [], {}, died)
+            else:
+                await self.storage.record_failure(message, f"{error.kind}: {error}")
+                await self._give_back(held)
             return
-        if isinstance(error, PermanentError) or message.dequeue_count >= self.settings.max_dequeue_count:
+        if isinstance(error, PermanentError) or last_try:
             log.warning("job failed for good: %s", error, extra=extra)
             await self._outcome("poisoned", held.lease, held.lease.poison(job.id, error))
             await self._notify(job.id, "failed", [], [], {}, error)
         else:
             delay = self.settings.release_delay
             log.warning("job failed, retried in %ss: %s", delay, error, extra=extra)
+            await self.storage.record_failure(message, f"{error.kind}: {error}")
             await self._outcome("retried", held.lease, held.lease.release(delay))
         if isinstance(error, TransientError):
             self._failures_in_a_row += 1
@@ -538,16 +653,31 @@ class Worker:
 
     # -- idling ----------------------------------------------------------------------------------
 
-    def _empty_and_idle(self) -> bool:
-        if (
+    async def _empty_and_idle(self) -> bool:
+        """Drained (--exit-when-empty): every queue empty and nothing held. With --wait-invisible,
+        messages still invisible (a dead consumer's, until its visibility runs out) are waited for,
+        up to that many seconds after the queue first looked empty."""
+        if not (
             self.exit_when_empty
             and self._poller.all_empty()
             and self.in_pipeline == 0
             and not self._finishing
         ):
-            self._stop()
-            return True
-        return False
+            self._empty_since = None
+            return False
+        if self.wait_invisible > 0:
+            now = time.monotonic()
+            self._empty_since = self._empty_since or now
+            if now - self._empty_since < self.wait_invisible:
+                try:
+                    counts = [await self.storage.approximate_count(q) for q in self.settings.queue_name]
+                except TransientError:
+                    counts = [1]
+                if sum(counts):
+                    return False
+        self.drained = True
+        self._stop()
+        return True
 
     async def _idle(self) -> None:
         """Wait until a queue is due for polling again (or a stop). Draining (--exit-when-empty), a job
