@@ -257,7 +257,9 @@ def check_limits(spec: JobSpec, limits: Limits) -> None:
             # A1111 keeps the aspect ratio when only one of them is set
             out_w = spec.hr_resize_x or math.ceil(width * spec.hr_resize_y / height)  # type: ignore[operator]
             out_h = spec.hr_resize_y or math.ceil(height * spec.hr_resize_x / width)  # type: ignore[operator]
-            field = "hr_resize_x" if out_w > limits.max_width else "hr_resize_y"
+            # name the field the producer set (the one over the limit when both are)
+            over_x = spec.hr_resize_x and (out_w > limits.max_width or not spec.hr_resize_y)
+            field = "hr_resize_x" if over_x else "hr_resize_y"
         else:
             scale = 2.0 if spec.hr_scale is None else spec.hr_scale  # A1111's default
             out_w, out_h = int(width * scale), int(height * scale)

@@ -390,8 +390,7 @@ class Worker:
         )
         await self._outcome("poisoned", lease, lease.poison(hint, error))
         await self._notify(hint or message.id, "failed", [], [], {}, error)
-        if message.dequeue_count > 1:
-            await self.storage.forget_failure(message)
+        await self._forget_failure(message)
         return None
 
     async def _poison_unexpected(self, lease: Lease, error: Exception) -> None:
@@ -518,8 +517,7 @@ class Worker:
             return
         self.metrics.images.inc(len(names))
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
-        if held.lease.message.dequeue_count > 1:
-            await self.storage.forget_failure(held.lease.message)
+        await self._forget_failure(held.lease.message)
         await self._notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], generation.seeds, timings)
 
     def _record(
@@ -560,6 +558,7 @@ class Worker:
                 log.warning("job failed for good: %s", died, extra=extra)
                 await self._outcome("poisoned", held.lease, held.lease.poison(job.id, died))
                 await self._notify(job.id, "failed", [], [], {}, died)
+                await self._forget_failure(message)
             else:
                 await self.storage.record_failure(message, f"{error.kind}: {error}")
                 await self._give_back(held)
@@ -568,6 +567,7 @@ class Worker:
             log.warning("job failed for good: %s", error, extra=extra)
             await self._outcome("poisoned", held.lease, held.lease.poison(job.id, error))
             await self._notify(job.id, "failed", [], [], {}, error)
+            await self._forget_failure(message)
         else:
             delay = self.settings.release_delay
             log.warning("job failed, retried in %ss: %s", delay, error, extra=extra)
@@ -578,6 +578,11 @@ class Worker:
             if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
                 self.fatal = SidecarError(f"{self._failures_in_a_row} failures in a row, last: {error}")
                 self._stop()
+
+    async def _forget_failure(self, message: Message) -> None:
+        """A message settled for good needs no note of an earlier failed try (only retries have one)."""
+        if message.dequeue_count > 1:
+            await self.storage.forget_failure(message)
 
     async def _give_back(self, held: Held) -> None:
         await self._outcome("released", held.lease, held.lease.release(0))

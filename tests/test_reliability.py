@@ -332,7 +332,12 @@ async def test_a1111_dying_mid_run_releases_everything_and_exits_non_zero(
             worker.stop()
         done = worker.done_jobs()
         assert len(done) in (1, 2)
-        assert await blob_names(storage) == expected_blobs(done)
+        names = await blob_names(storage)
+        # the jobs A1111 died under (the one running and the one queued behind it) left a note of it
+        # for their next try, and count that try
+        notes = [name for name in names if name.startswith("_failures/")]
+        assert len(notes) in (1, 2)
+        assert [name for name in names if name not in notes] == expected_blobs(done)
         assert len(await visible_messages(storage, settings.queue_name[0])) == len(ids) - len(done)
         assert any("A1111" in entry["msg"] for entry in worker.lines() if entry["level"] == "error")
 
