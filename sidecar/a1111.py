@@ -19,7 +19,14 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
 
-from sidecar.errors import A1111Rejected, A1111ServerError, A1111Timeout, A1111Unavailable, TransientError
+from sidecar.errors import (
+    A1111CutShort,
+    A1111Rejected,
+    A1111ServerError,
+    A1111Timeout,
+    A1111Unavailable,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +92,15 @@ def http_client(base_url: str) -> httpx.AsyncClient:
 
 
 class A1111Client:
+    """A1111's ``POST /sdapi/v1/interrupt`` stops whatever generation runs when it arrives, and that one
+    still answers 200 with a partly denoised image (its infotext claims every step). Which one that is
+    cannot be known from outside: the one that timed out may have just ended and the one queued behind
+    it begun. So every interrupt is counted, and a generation in flight while one was sent is answered
+    with ``A1111CutShort`` instead of its images: it is generated again, never stored."""
+
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
+        self.interrupts = 0
 
     async def wait_ready(self, timeout: float, generation_timeout: float, poll: float = 1.0) -> None:
         """Wait until the API answers, then prove the model works with a warm-up generation.
@@ -153,6 +167,7 @@ class A1111Client:
         """One generation. With ``after`` (the request ahead of this one at A1111's queue lock), this
         request is sent at once and waits at A1111, and its deadline starts only once ``after`` is done."""
         started = time.time()
+        interrupts = self.interrupts
         # No read timeout of httpx's own: a queued request legitimately waits a whole generation.
         request = asyncio.ensure_future(
             self.http.post("/sdapi/v1/txt2img", json=payload, timeout=httpx.Timeout(None, connect=10.0))
@@ -174,6 +189,8 @@ class A1111Client:
         finally:
             request.cancel()
         finished = time.time()
+        if self.interrupts != interrupts:
+            raise A1111CutShort("A1111 was interrupted while this generation may have been running")
         if response.status_code >= 500:
             raise A1111ServerError(response.status_code, _error_detail(response))
         if response.status_code >= 400:
@@ -197,6 +214,7 @@ class A1111Client:
 
     async def interrupt(self) -> None:
         """Ask A1111 to stop the current generation; best effort."""
+        self.interrupts += 1  # before it is sent: it may land before the answer says so
         try:
             await self.http.post("/sdapi/v1/interrupt", timeout=10.0)
         except httpx.HTTPError as error:

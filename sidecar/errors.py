@@ -7,6 +7,10 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     │   │                     at SIDECAR_MAX_DEQUEUE_COUNT dequeues it goes to the poison queue
     │   ├── A1111Unavailable  connection refused or reset, A1111 not up or gone
     │   ├── A1111Timeout      a generation ran past its deadline (A1111 was interrupted)
+    │   ├── A1111CutShort     an interrupt was sent while this generation may have been running (the
+    │   │                     one queued behind a timed-out one): its answer may be a partly denoised
+    │   │                     image with a full-length infotext, so it is thrown away and generated
+    │   │                     again at once; no failure is counted against the job
     │   ├── A1111ServerError  5xx from A1111 (CUDA out of memory is a 500)
     │   └── StorageUnavailable  connection errors, timeouts, 5xx and 429 (throttling) from Azure Storage
     ├── PermanentError        straight to the poison queue, never retried
@@ -50,6 +54,10 @@ class A1111Unavailable(TransientError):
 
 
 class A1111Timeout(TransientError):
+    pass
+
+
+class A1111CutShort(TransientError):
     pass
 
 

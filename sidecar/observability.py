@@ -83,6 +83,11 @@ class Metrics:
             "sidecar_ready", "1 when A1111 is warm and storage answers", registry=self.registry
         )
         self.images = Counter("sidecar_images", "Images stored", registry=self.registry)
+        self.discarded = Counter(
+            "sidecar_generations_discarded",
+            "Generations thrown away unstored because an interrupt may have cut them short",
+            registry=self.registry,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=self.registry)
 

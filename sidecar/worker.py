@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ from sidecar.a1111 import A1111Client, Generation
 from sidecar.backoff import call_with_retries
 from sidecar.config import Settings
 from sidecar.errors import (
+    A1111CutShort,
     A1111ServerError,
     A1111Unavailable,
     FatalError,
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_RECEIVE = 32  # Azure's cap on messages per receive
 MAX_CONSECUTIVE_FAILURES = 5  # a sick node must not eat the queue
+MAX_REMAKES = 3  # generations of one job thrown away because an interrupt may have cut them short
 
 
 @dataclass
@@ -451,15 +454,26 @@ class Worker:
         return generation
 
     async def _with_retries(self, job: Job, ahead: asyncio.Task[Generation | None] | None) -> Generation:
-        """A 5xx from A1111 (CUDA out of memory, say) is tried again a few times before giving up."""
+        """A 5xx from A1111 (CUDA out of memory, say) is tried again a few times before giving up. A
+        generation an interrupt may have cut short (the one queued behind a timed-out one) is made
+        again at once: the job did nothing wrong, so no failure is counted."""
         s = self.settings
         payload = job.txt2img_payload()
-        return await call_with_retries(
-            s,
-            A1111ServerError,
-            lambda: self.a1111.txt2img(payload, s.generation_timeout, after=ahead),
-            attempts=3,
-        )
+        for remade in range(MAX_REMAKES + 1):
+            try:
+                return await call_with_retries(
+                    s,
+                    A1111ServerError,
+                    functools.partial(self.a1111.txt2img, payload, s.generation_timeout, after=ahead),
+                    attempts=3,
+                )
+            except A1111CutShort as error:
+                if remade == MAX_REMAKES:
+                    raise
+                log.info("%s; generating it again", error, extra={"job_id": job.id, "stage": "generate"})
+                self.metrics.discarded.inc()
+                ahead = None  # what it waited behind is over
+        raise AssertionError("unreachable")
 
     async def _finish_in_slot(self, held: Held, generation: Generation) -> None:
         try:
