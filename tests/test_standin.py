@@ -269,8 +269,16 @@ async def test_overrides_and_options(http: httpx.AsyncClient) -> None:
     options = (await http.get("/sdapi/v1/options")).json()
     assert options["CLIP_stop_at_last_layers"] == 1  # restored afterwards
     assert options["sd_model_checkpoint"] == "v1-5-pruned-emaonly.safetensors [6ce0161689]"
-    assert (await http.post("/sdapi/v1/options", json={"standin_test": 1})).json() is None
-    assert (await http.get("/sdapi/v1/options")).json()["standin_test"] == 1
+    assert (await http.post("/sdapi/v1/options", json={"samples_save": False})).json() is None
+    assert (await http.get("/sdapi/v1/options")).json()["samples_save"] is False
+    # A1111's opts.set() looks the key up in its option table: an unknown one is a KeyError
+    response = await http.post("/sdapi/v1/options", json={"standin_test": 1})
+    assert (response.status_code, response.json()["error"], response.json()["errors"]) == (
+        500,
+        "KeyError",
+        "'standin_test'",
+    )
+    assert "standin_test" not in (await http.get("/sdapi/v1/options")).json()
     response = await http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
     assert (response.status_code, response.json()["error"]) == (500, "RuntimeError")
 
