@@ -17,6 +17,7 @@ import uvloop
 
 from sidecar import __version__, logs
 from sidecar.a1111 import A1111Client, http_client
+from sidecar.assets import Catalog, CatalogError
 from sidecar.config import Settings, load_settings
 from sidecar.endpoints import Health, bound_port, serve
 from sidecar.errors import A1111Unavailable, ConfigError, SidecarError
@@ -63,6 +64,12 @@ async def run_worker(
     storage = Storage.connect(settings)
     async with http_client(settings.a1111_url) as http:
         a1111 = A1111Client(http)
+        catalog = Catalog(
+            http,
+            refresh_interval=settings.asset_refresh_interval,
+            face_restoration_available=settings.face_restoration_available,
+            check_negative_prompts=True,  # a LoRA named anywhere in the job must be here
+        )
         worker = Worker(
             settings,
             storage,
@@ -71,6 +78,7 @@ async def run_worker(
             max_jobs=max_jobs,
             exit_when_empty=exit_when_empty,
             wait_invisible=wait_invisible,
+            catalog=catalog,
         )
         health = Health(storage_answering=lambda: storage.answering, fatal=lambda: worker.fatal)
         worker.on_stop = lambda: setattr(health, "draining", True)
@@ -93,7 +101,7 @@ async def run_worker(
                 )
                 if supervisor is not None:
                     await supervisor.start()
-                code = await _start_up(worker, storage, a1111, settings)
+                code = await _start_up(worker, storage, a1111, settings, catalog)
                 if code is not None:
                     return code
                 health.a1111_warm = True
@@ -122,17 +130,25 @@ async def run_worker(
             await storage.close()
 
 
-async def _start_up(worker: Worker, storage: Storage, a1111: A1111Client, settings: Settings) -> int | None:
+async def _start_up(
+    worker: Worker, storage: Storage, a1111: A1111Client, settings: Settings, catalog: Catalog
+) -> int | None:
     """Storage answers and A1111 passes its warm-up; an exit code if that cannot be (or a signal came).
 
     Every way it can fail ends in one line: storage refusing (a wrong key, an API version, a queue it
     may not create) or unreachable after the retry budget (host and the OS's reason), A1111 not usable.
     """
+
+    async def a1111_ready() -> None:
+        await a1111.wait_ready(settings.a1111_start_timeout, settings.generation_timeout)
+        try:
+            await catalog.load()  # what it has: LoRAs, checkpoints, VAEs, samplers, ...
+        except CatalogError as error:
+            raise A1111Unavailable(f"cannot read what A1111 has installed: {error}") from None
+
     steps: set[asyncio.Task[Any]] = {
         asyncio.create_task(storage.ensure(), name="storage"),
-        asyncio.create_task(
-            a1111.wait_ready(settings.a1111_start_timeout, settings.generation_timeout), name="a1111"
-        ),
+        asyncio.create_task(a1111_ready(), name="a1111"),
     }
     stop: asyncio.Task[Any] = asyncio.create_task(worker.stopping.wait())
     pending = set(steps)

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     max_height: int = Field(default=2048, ge=64)
     max_steps: int = Field(default=150, ge=1)
     max_images: int = Field(default=8, ge=1)
+    # What the node's A1111 has is checked before each job (LoRAs, checkpoints, VAEs, ...); a miss
+    # makes A1111 rescan its folders at most this often, so a file copied onto the node is found.
+    asset_refresh_interval: float = Field(default=30.0, ge=0)
+    # restore_faces needs CodeFormer/GFPGAN weights, which A1111 downloads on first use; set this when
+    # the image has them baked in, otherwise such jobs are handed back for a node that has them.
+    face_restoration_available: bool = False
     log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
     summary_interval: float = Field(default=60.0, gt=0)
 

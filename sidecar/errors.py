@@ -16,10 +16,15 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     ├── PermanentError        straight to the poison queue, never retried
     │   ├── InvalidJob        the message is not a valid job (names the field and the reason)
     │   ├── A1111Rejected     4xx from A1111 (unknown sampler, validation error)
+    │   ├── UnknownAsset      names a sampler or scheduler no A1111 has (A1111 would silently run
+    │   │                     another one)
     │   ├── TooManyTries      received more than SIDECAR_MAX_DEQUEUE_COUNT times (say, a worker died
     │   │                     on it each time): poisoned on receipt, before anything else is done
     │   └── Unexpected        any other exception while handling one message: that message is
     │                         poisoned with the exception's type and text, the worker goes on
+    ├── AssetMissing          names a LoRA, checkpoint, VAE, upscaler or style this node lacks (A1111
+    │                         would silently run without it): handed back for another node with a
+    │                         delay, counted apart from failures; poisoned at SIDECAR_MAX_DEQUEUE_COUNT
     ├── LeaseLost             another consumer owns the message now (404 or pop-receipt mismatch):
     │                         the worker stops caring for that job and never deletes the message
     ├── FatalError            retrying cannot fix it and no job can succeed on this node: the worker
@@ -87,6 +92,14 @@ class A1111Rejected(PermanentError):
 
 
 class TooManyTries(PermanentError):
+    pass
+
+
+class UnknownAsset(PermanentError):
+    pass
+
+
+class AssetMissing(SidecarError):
     pass
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 log = logging.getLogger(__name__)
-OUTCOMES = ("succeeded", "poisoned", "retried", "released", "abandoned", "lost")
+OUTCOMES = ("succeeded", "poisoned", "retried", "deferred", "released", "abandoned", "lost")
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

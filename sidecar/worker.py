@@ -33,12 +33,14 @@ import pybase64
 
 from sidecar import __version__
 from sidecar.a1111 import A1111Client, Generation
+from sidecar.assets import Catalog, CatalogError
 from sidecar.backoff import call_with_retries
 from sidecar.config import Settings
 from sidecar.errors import (
     A1111CutShort,
     A1111ServerError,
     A1111Unavailable,
+    AssetMissing,
     FatalError,
     InvalidJob,
     PermanentError,
@@ -47,6 +49,7 @@ from sidecar.errors import (
     TooManyTries,
     TransientError,
     Unexpected,
+    UnknownAsset,
 )
 from sidecar.jobs import Job, Limits, job_id_hint, parse_job
 from sidecar.lease import Lease
@@ -81,6 +84,7 @@ class Worker:
         max_jobs: int | None = None,
         exit_when_empty: bool = False,
         wait_invisible: float = 0.0,
+        catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -88,6 +92,7 @@ class Worker:
         self.metrics = metrics
         self.max_jobs = max_jobs
         self.exit_when_empty = exit_when_empty
+        self.catalog = catalog  # what this node's A1111 has; None: jobs are not checked against it
         # With --exit-when-empty: how long to wait for messages still invisible (held by a consumer
         # that may be dead) to come back before calling the queue drained.
         self.wait_invisible = wait_invisible
@@ -372,7 +377,7 @@ class Worker:
         limit = self.settings.max_dequeue_count
         if message.dequeue_count > limit:
             last = await self.storage.last_failure(message)
-            error: PermanentError = TooManyTries(
+            error: SidecarError = TooManyTries(
                 f"received {message.dequeue_count} times, more than SIDECAR_MAX_DEQUEUE_COUNT={limit}; "
                 + (
                     f"last failure: {last}"
@@ -382,9 +387,17 @@ class Worker:
             )
         else:
             try:
-                return Held(lease, parse_job(message.content, message.id, self.limits))
+                job = parse_job(message.content, message.id, self.limits)
             except InvalidJob as invalid:
                 error = invalid
+            else:
+                missing = await self._check_assets(job)
+                if missing is None:
+                    return Held(lease, job)
+                if isinstance(missing, AssetMissing) and message.dequeue_count < limit:
+                    await self._defer(lease, job, missing)
+                    return None
+                error = missing
         hint = job_id_hint(message.content)
         log.warning(
             "invalid job: %s" if isinstance(error, InvalidJob) else "job poisoned on receipt: %s",
@@ -395,6 +408,34 @@ class Worker:
         await self._notify(hint or message.id, "failed", [], [], {}, error)
         await self._forget_failure(message)
         return None
+
+    async def _check_assets(self, job: Job) -> AssetMissing | UnknownAsset | None:
+        """Is every asset the job names on this node? A1111 would run without a missing LoRA or with
+        the loaded checkpoint, silently: the job would be stored with the wrong picture."""
+        if self.catalog is None:
+            return None
+        try:
+            problems = await self.catalog.check(job.txt2img_payload())
+        except CatalogError as error:
+            return AssetMissing(f"what this node's A1111 has could not be read: {error}")
+        unknown = [p.reason for p in problems if not p.elsewhere]
+        if unknown:
+            return UnknownAsset("; ".join(unknown))
+        if problems:
+            return AssetMissing("; ".join(p.reason for p in problems))
+        return None
+
+    async def _defer(self, lease: Lease, job: Job, missing: AssetMissing) -> None:
+        """Hand the job back for a node that has what it names: not a failure of the job or the node."""
+        delay = self.settings.release_delay
+        log.warning(
+            "handed back for another node (in %ss): %s",
+            delay,
+            missing,
+            extra={"job_id": job.id, "message_id": lease.message.id, "stage": "assets"},
+        )
+        await self.storage.record_failure(lease.message, f"{missing.kind}: {missing}")
+        await self._outcome("deferred", lease, lease.release(delay))
 
     async def _poison_unexpected(self, lease: Lease, error: Exception) -> None:
         """An exception nobody planned for: poison that one message with it, never stop the worker."""

@@ -268,19 +268,41 @@ async def test_out_of_memory_is_retried_then_poisoned(
 
 
 async def test_a1111_rejection_goes_to_poison_at_once(
-    make_settings: Any, own_standin: Any, storage: Storage, settings: Settings
+    settings: Settings, storage: Storage, standin: Any
 ) -> None:
-    """Steps: an A1111 that refuses unknown samplers (404, as up to 1.9); a job naming one is poisoned
-    after a single try, with A1111's own error detail."""
-    async with own_standin(0.02, ["--strict-samplers"]) as strict:
-        settings = make_settings(a1111_url=strict.url)
-        await storage.send(
-            settings.queue_name[0], json.dumps({**JOB, "id": "odd", "sampler_name": "Euler z"})
-        )
-        assert await run_worker(settings, exit_when_empty=True) == 0
-        [entry] = await poison_entries(storage, settings.queue_name[0])
-        assert entry["error"]["type"] == "A1111Rejected" and entry["dequeue_count"] == 1
-        assert "404" in entry["error"]["detail"] and "Sampler not found" in entry["error"]["detail"]
+    """Steps: A1111 refuses the job with a 4xx (as A1111 up to 1.9 did for an unknown sampler); the job
+    is poisoned after a single try, with A1111's own error detail."""
+    worker = await warmed_worker(settings, max_jobs=1)
+    await standin_call(
+        settings.a1111_url,
+        "POST",
+        "/standin/faults",
+        {
+            "fail_next": 1,
+            "fail_status": 404,
+            "fail_error": "HTTPException",
+            "fail_message": "Sampler not found",
+        },
+    )
+    await storage.send(settings.queue_name[0], json.dumps({**JOB, "id": "odd"}))
+    assert await worker == 0
+    [entry] = await poison_entries(storage, settings.queue_name[0])
+    assert entry["error"]["type"] == "A1111Rejected" and entry["dequeue_count"] == 1
+    assert "404" in entry["error"]["detail"] and "Sampler not found" in entry["error"]["detail"]
+
+
+async def test_a_sampler_no_a1111_has_is_poisoned_before_a1111_sees_it(
+    settings: Settings, storage: Storage, standin: Any
+) -> None:
+    """Steps: a job names a sampler A1111 does not list. Real A1111 1.10 would silently run DPM++ 2M; the
+    worker poisons it at once, naming the sampler, and A1111 never gets it."""
+    await storage.send(settings.queue_name[0], json.dumps({**JOB, "id": "odd", "sampler_name": "Euler z"}))
+    assert await run_worker(settings, exit_when_empty=True) == 0
+    [entry] = await poison_entries(storage, settings.queue_name[0])
+    assert entry["error"]["type"] == "UnknownAsset" and entry["dequeue_count"] == 1
+    assert "'Euler z'" in entry["error"]["detail"] and "sampler_name" in entry["error"]["detail"]
+    stats = await standin_call(settings.a1111_url, "GET", "/standin/stats")
+    assert stats["requests"] == 1, "only the warm-up reached A1111"
 
 
 async def test_hung_generation_is_interrupted_and_retried(

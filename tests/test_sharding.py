@@ -138,7 +138,7 @@ async def test_a_poisoned_job_lands_on_its_own_shards_poison_queue(
 
             assert await poison_entries(storage, a) == []
             [refused] = await poison_entries(storage, b)
-            assert refused["job_id"] == "odd" and refused["error"]["type"] == "A1111Rejected"
+            assert refused["job_id"] == "odd" and refused["error"]["type"] == "UnknownAsset"
             assert json.loads(refused["original"])["sampler_name"] == "Euler z"
             [invalid] = await poison_entries(storage, c)
             assert invalid["error"]["type"] == "InvalidJob" and invalid["error"]["detail"].startswith(

@@ -43,7 +43,7 @@ async def test_status_and_result_messages_after_a_small_run(make_settings: Any, 
             assert shown.returncode == 0, shown.stderr
             out = shown.stdout
             assert re.search(rf"^  {queue}\s+0\s+1$", out, re.MULTILINE), out
-            assert re.search(r"1 x A1111Rejected: .*Sampler not found", out), out
+            assert re.search(r"1 x UnknownAsset: sampler .Euler z.", out), out
             assert re.search(rf"results queue {results}\s+4 messages", out), out
             assert "3 jobs, 3 images" in out and "finished in the last minute: 3 jobs" in out
 
@@ -71,7 +71,7 @@ async def test_status_and_result_messages_after_a_small_run(make_settings: Any, 
     failed = by_id["odd"]
     assert set(failed) == RESULT_KEYS | {"error"} and failed["status"] == "failed"
     assert failed["blobs"] == [] and failed["seeds"] == []
-    assert failed["error"]["type"] == "A1111Rejected" and "Sampler not found" in failed["error"]["detail"]
+    assert failed["error"]["type"] == "UnknownAsset" and "'Euler z'" in failed["error"]["detail"]
 
 
 async def test_status_before_anything_exists(make_settings: Any) -> None:
