@@ -231,3 +231,30 @@ async def test_exit_when_empty_says_how_many_messages_are_still_invisible(
     assert waiting.proc.returncode == 0
     assert waiting.done_jobs() == ["held-by-the-dead"]
     assert waiting.messages("drained; the queue is empty")
+
+
+async def test_a_job_that_kills_a1111_every_time_is_poisoned_and_the_bystander_stored(
+    make_settings: Any, storage: Storage, settings: Settings, own_standin: Any, tmp_path: Path
+) -> None:
+    """Steps: a job whose generation kills A1111 every time, and a bystander behind it. As an
+    orchestrator would, each time the worker exits (A1111 died) A1111 and the worker are started
+    again. The killer counts a try each time and is poisoned at the limit, naming A1111's death; the
+    bystander is stored; the node stops dying."""
+    limit = 3
+    queue = settings.queue_name[0]
+    await storage.send(queue, json.dumps({**JOB, "id": "killer", "prompt": "a killer prompt"}))
+    await storage.send(queue, json.dumps({**JOB, "id": "bystander"}))
+    exits = []
+    for _ in range(limit + 2):
+        async with own_standin(0.05, ["--crash-on-prompt", "killer"]) as a1111:
+            run_settings = make_settings(a1111_url=a1111.url, max_dequeue_count=limit, prefetch=0)
+            worker = await run_until_exit(run_settings, tmp_path, "--exit-when-empty")
+            exits.append(worker.proc.returncode)
+            if worker.proc.returncode == 0:
+                break
+    assert exits == [1] * limit + [0], exits
+    (entry,) = await poison_entries(storage, queue)
+    assert entry["job_id"] == "killer" and entry["dequeue_count"] == limit
+    assert entry["error"]["type"] == "A1111Unavailable"
+    assert f"A1111 went away during this job on try {limit} of {limit}" in entry["error"]["detail"]
+    assert await blob_names(storage) == ["bystander/0.png", "bystander/job.json"]
