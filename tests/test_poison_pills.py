@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sidecar.config import Settings
 from sidecar.storage import Storage
 from tests.conftest import make_azurite
@@ -258,3 +260,41 @@ async def test_a_job_that_kills_a1111_every_time_is_poisoned_and_the_bystander_s
     assert entry["error"]["type"] == "A1111Unavailable"
     assert f"A1111 went away during this job on try {limit} of {limit}" in entry["error"]["detail"]
     assert await blob_names(storage) == ["bystander/0.png", "bystander/job.json"]
+
+
+async def test_an_exception_nobody_planned_for_poisons_only_its_message(
+    settings: Settings, storage: Storage, standin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps: validating one message and building another's request raise errors the worker has no
+    plan for (a bug, say). Each of those messages is poisoned with the exception's type and text; the
+    good job between them is stored and the worker drains normally (exit 0)."""
+    from sidecar import worker as worker_module
+    from sidecar.cli import run_worker
+    from sidecar.jobs import Job
+
+    real_parse, real_payload = worker_module.parse_job, Job.txt2img_payload
+
+    def parse(text: str, *args: Any, **kwargs: Any) -> Any:
+        if "explode-in-validation" in text:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_parse(text, *args, **kwargs)
+
+    def payload(self: Job) -> dict[str, Any]:
+        if self.id == "explode-in-generation":
+            raise KeyError("sampler_name")
+        return real_payload(self)
+
+    monkeypatch.setattr(worker_module, "parse_job", parse)
+    monkeypatch.setattr(Job, "txt2img_payload", payload)
+    queue = settings.queue_name[0]
+    for job_id in ("explode-in-validation", "fine", "explode-in-generation"):
+        await storage.send(queue, json.dumps({**JOB, "id": job_id}))
+    assert await run_worker(settings, exit_when_empty=True) == 0
+    by_id = {entry["job_id"]: entry for entry in await poison_entries(storage, queue)}
+    assert by_id["explode-in-validation"]["error"] == {
+        "type": "RecursionError",
+        "detail": "RecursionError: maximum recursion depth exceeded",
+    }
+    assert by_id["explode-in-generation"]["error"]["type"] == "KeyError"
+    assert "sampler_name" in by_id["explode-in-generation"]["error"]["detail"]
+    assert await blob_names(storage) == ["fine/0.png", "fine/job.json"]
