@@ -166,7 +166,9 @@ async def test_a_renewal_that_cannot_land_in_time_ends_the_lease_before_it_runs_
     lease = Lease(fronted, message, visibility=3)
     try:
         await wait_until(lambda: _true(lease.lost), timeout=10, what="the lease given up")
-        assert loop.time() - started < 3 + 0.5  # the visibility, and scheduling slack
+        # given up around the 3 s visibility (one 0.5 s try past the last start at most), not after the
+        # 60 s read timeout of a single hung try; slack for a loaded machine
+        assert loop.time() - started < 3 + 1.5
         assert front.stats.count("update") >= 2  # the renewal was tried again within its window
     finally:
         gate.open()
