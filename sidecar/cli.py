@@ -278,6 +278,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_grant(args: argparse.Namespace) -> int:
+    from sidecar.grant import make_grant, print_grant
+
+    if not 0 < args.days <= 365:
+        raise SystemExit("grant: --days must be more than 0 and at most 365")
+    settings = load_settings()
+    print_grant(make_grant(settings, args.days), args.json)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sidecar.bench import run_bench
 
@@ -350,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="list at most N blobs per refresh to count results (0: do not list)",
     )
     status.set_defaults(func=cmd_status)
+
+    grant = commands.add_parser(
+        "grant", help="operator: print a node's settings with least-privilege, expiring SAS credentials"
+    )
+    grant.add_argument("--days", type=float, default=7.0, help="days until the credentials expire (7)")
+    grant.add_argument("--json", action="store_true", help="also say what they may and may not do")
+    grant.set_defaults(func=cmd_grant)
 
     bench = commands.add_parser("bench", help="throughput benchmark: sequential vs pipelined, with a report")
     bench.add_argument("--jobs", type=int, default=200, help="jobs per mode")

@@ -22,7 +22,7 @@ _QUEUE_NAME = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
 # Azure blob container names follow the same rule.
 _CONTAINER_NAME = _QUEUE_NAME
 
-_SECRET_FIELDS = {"storage_connection_string"}
+_SECRET_FIELDS = {"storage_connection_string", "blob_connection_string"}
 
 # Each try of a request that keeps a lease (renew, release, delete) ends within this many seconds
 # at most: a renewal can then be retried before the message becomes visible again, instead of
@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         ),
     )
     storage_account_url: str | None = None
+    # A second credential for the blobs alone (a container SAS from `grant`): one connection string
+    # holds one SAS, and no SAS covers both a set of queues and one container only.
+    blob_connection_string: SecretStr | None = None
     queue_name: Annotated[list[str], NoDecode] = ["jobs"]
     poison_queue_name: str | None = None
     result_queue_name: str | None = None
@@ -182,6 +185,11 @@ class Settings(BaseSettings):
     @property
     def connection_string(self) -> str | None:
         secret = self.storage_connection_string
+        return secret.get_secret_value() if secret is not None else None
+
+    @property
+    def blob_connection(self) -> str | None:
+        secret = self.blob_connection_string
         return secret.get_secret_value() if secret is not None else None
 
 

@@ -13,6 +13,7 @@ form-decodes query strings, and a real pop receipt (base64 of binary data) often
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -55,6 +56,9 @@ LAST_TRY_TIMEOUT = 0.5  # the one try a call gets after the deadline (a release 
 CONNECTION_TIMEOUT = 10
 READ_TIMEOUT = 60
 
+_NO_MESSAGE = "00000000-0000-0000-0000-000000000000"
+_NO_RECEIPT = "AAAAAAAAAAAAAAAAAAAAAAAAAAA="
+_PROBE_BLOCK = base64.b64encode(b"a1111-sidecar-probe").decode()
 # Refusals of a create that mean "this credential may not", not "this credential is wrong".
 _MAY_NOT_CREATE = {
     "AuthorizationPermissionMismatch",
@@ -198,18 +202,25 @@ class Storage:
         }
         conn = settings.connection_string
         if conn:
+            blob_conn = settings.blob_connection or conn
+            blob_variable = "BLOB" if settings.blob_connection else "STORAGE"
             try:
                 queues = QueueServiceClient.from_connection_string(conn, **options)
-                blobs = BlobServiceClient.from_connection_string(conn, **options)
             except ValueError:
                 raise ConfigError(
                     "SIDECAR_STORAGE_CONNECTION_STRING: not a valid connection string"
+                ) from None
+            try:
+                blobs = BlobServiceClient.from_connection_string(blob_conn, **options)
+            except ValueError:
+                raise ConfigError(
+                    f"SIDECAR_{blob_variable}_CONNECTION_STRING: not a valid connection string"
                 ) from None
             queue_proxies, blob_proxies = _proxies_for(queues.url), _proxies_for(blobs.url)
             if queue_proxies:
                 queues = QueueServiceClient.from_connection_string(conn, proxies=queue_proxies, **options)
             if blob_proxies:
-                blobs = BlobServiceClient.from_connection_string(conn, proxies=blob_proxies, **options)
+                blobs = BlobServiceClient.from_connection_string(blob_conn, proxies=blob_proxies, **options)
         else:
             assert settings.storage_account_url is not None
             credential = _default_credential()
@@ -268,8 +279,11 @@ class Storage:
     async def ensure(self) -> None:
         """Create the queues and the container if they are missing.
 
-        A credential that may not create them (a SAS for nodes) is fine as long as they exist; a
-        missing one it may not create stops the start with a line that says so.
+        A credential that may not create them (a node's SAS from ``grant``) is fine as long as they
+        exist; a missing one it may not create stops the start with a line that says so. Existence is
+        checked with what such a credential may do: updating a message that cannot exist (the answer
+        tells a missing queue from a missing message) and staging a block that is never committed
+        (no blob appears; Azure drops it after a week).
         """
         names = list(self.settings.queue_name)
         names += [self.settings.poison_queue_for(q) for q in self.settings.queue_name]
@@ -289,7 +303,9 @@ class Storage:
                 if refused.code not in _MAY_NOT_CREATE:
                     raise
                 try:
-                    await self.retry(exists, what=f"read {kind} {name}")
+                    await self.retry(exists, message_op=True, what=f"check that {kind} {name} exists")
+                except LeaseLost:
+                    return  # the queue answered "no such message": it exists
                 except StorageRefused as missing:
                     if missing.status == 404:
                         raise StorageRefused(
@@ -303,16 +319,20 @@ class Storage:
                     # It may not even look: let the first real use tell.
                     log.debug("cannot check that %s %s exists: %s", kind, name, missing)
 
-        await asyncio.gather(
-            *(
-                create("queue", n, self.queue(n).create_queue, self.queue(n).get_queue_properties)
-                for n in names
+        def queue_exists(name: str) -> Callable[[], Awaitable[Any]]:
+            return lambda: self.queue(name).update_message(
+                _NO_MESSAGE, pop_receipt=_NO_RECEIPT, visibility_timeout=0
             )
+
+        async def container_exists() -> None:
+            probe = self.container.get_blob_client(f"_probe/{self.settings.worker_id}")
+            await probe.stage_block(_PROBE_BLOCK, b"probe")
+
+        await asyncio.gather(
+            *(create("queue", n, self.queue(n).create_queue, queue_exists(n)) for n in names)
         )
         name = self.settings.container_name
-        await create(
-            "container", name, self.container.create_container, self.container.get_container_properties
-        )
+        await create("container", name, self.container.create_container, container_exists)
 
     async def receive(self, queue: str, count: int, visibility: int) -> list[Message]:
         client = self.queue(queue)

@@ -732,7 +732,9 @@ class Worker:
                 try:
                     counts = [await self.storage.approximate_count(q) for q in self.settings.queue_name]
                 except TransientError:
-                    counts = [1]
+                    counts = [1]  # cannot tell now: look again at the next poll
+                except SidecarError:
+                    counts = [0]  # may not look (a node's SAS cannot read queue metadata): do not wait
                 if sum(counts):
                     return False
         self.drained = True

@@ -114,6 +114,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if name == "storage_connection_string":
             value = settings.connection_string
+        elif name == "blob_connection_string":
+            value = settings.blob_connection
         elif isinstance(value, list):
             value = ",".join(value)
         env[f"SIDECAR_{name.upper()}"] = str(value)
