@@ -19,6 +19,8 @@ from sidecar import __version__, logs
 from sidecar.a1111 import A1111Client, http_client
 from sidecar.assets import Catalog, CatalogError
 from sidecar.config import Settings, load_settings
+from sidecar.credentials import earliest_expiry
+from sidecar.credentials import watch as watch_expiry
 from sidecar.endpoints import Health, bound_port, serve
 from sidecar.errors import A1111Unavailable, ConfigError, SidecarError
 from sidecar.memory import keep_freed_memory
@@ -105,11 +107,16 @@ async def run_worker(
                 if code is not None:
                     return code
                 health.a1111_warm = True
-                summary = asyncio.create_task(metrics.summarize(settings.summary_interval))
+                background = [asyncio.create_task(metrics.summarize(settings.summary_interval))]
+                expiry = earliest_expiry(settings)
+                if expiry is not None:
+                    metrics.credential_expiry.set_function(expiry.seconds_left)
+                    background.append(asyncio.create_task(watch_expiry(expiry, worker.credential_expired)))
                 try:
                     code = await worker.run()
                 finally:
-                    summary.cancel()
+                    for task in background:
+                        task.cancel()
                 cpu = os.times()
                 log.info(
                     "stopped",

@@ -30,8 +30,9 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     ├── FatalError            retrying cannot fix it and no job can succeed on this node: the worker
     │   │                     stops at once (nothing more is deleted, held messages are released where
     │   │                     storage still allows it, /readyz turns 503) and exits 1
-    │   └── StorageRefused    credentials refused or expired, queue or container deleted, account gone,
-    │                         403 from a firewall or RBAC, an API version the endpoint does not serve
+    │   ├── StorageRefused    credentials refused or expired, queue or container deleted, account gone,
+    │   │                     403 from a firewall or RBAC, an API version the endpoint does not serve
+    │   └── CredentialExpired the SAS is about to expire: stop before it does (restart with a new one)
     └── ConfigError           a bad setting; the worker does not start
 """
 
@@ -144,6 +145,10 @@ class StorageRefused(FatalError):
         self.operation = operation
         self.status = status
         self.code = code
+
+
+class CredentialExpired(FatalError):
+    pass
 
 
 class ConfigError(SidecarError):

@@ -88,6 +88,11 @@ class Metrics:
             "Generations thrown away unstored because an interrupt may have cut them short",
             registry=self.registry,
         )
+        self.credential_expiry = Gauge(
+            "sidecar_credential_expiry_seconds",
+            "Seconds until the storage SAS expires (absent with an account key or Azure AD)",
+            registry=self.registry,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         ProcessCollector(registry=self.registry)
 

@@ -136,6 +136,10 @@ class Worker:
         self._aborted.set()
         self._stop()
 
+    def credential_expired(self, error: FatalError) -> None:
+        """The SAS is about to expire: stop at once, as for a refusal (held messages are released)."""
+        self._abort(error)
+
     def a1111_exited(self, code: int) -> None:
         """The supervised A1111 died: drain, give back what is held, exit non-zero."""
         self.fatal = A1111Unavailable(f"A1111 exited with code {code}")

@@ -234,3 +234,47 @@ async def test_a_node_finds_a_missing_queue_or_container_with_what_it_may_do(
         await node.ensure()  # everything exists: no refusal, nothing created
     finally:
         await node.close()
+
+
+async def test_a_credential_expiring_mid_run_stops_the_node_cleanly(
+    make_settings: Any, admin: Settings, own_standin: Any, tmp_path: Path
+) -> None:
+    """Steps: a node runs on a grant that expires 8 s in, with jobs flowing. It warns at start (less
+    than a day left), shows the seconds left on /metrics, and stops just before the expiry with one
+    line naming the setting (exit 1). No job is lost: every job not stored is still in the queue."""
+    import httpx
+
+    store = Storage.connect(admin)
+    await store.ensure()
+    queue = admin.queue_name[0]
+    try:
+        for index in range(40):
+            await store.send(queue, json.dumps({**JOB, "id": f"expiring-{index}"}))
+        grant = make_grant(admin, 8 / 86400)
+        async with own_standin(0.3) as a1111:
+            node = node_settings(make_settings, admin, grant.settings).model_copy(
+                update={"a1111_url": a1111.url}
+            )
+            worker = WorkerProcess(node, log_dir=tmp_path)
+            try:
+                await worker.wait_for(lambda: bool(worker.done_jobs()), what="a job done")
+                port = worker.messages("starting")[0]["http_port"]
+                async with httpx.AsyncClient() as http:
+                    metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                (line,) = [
+                    m for m in metrics.splitlines() if m.startswith("sidecar_credential_expiry_seconds ")
+                ]
+                assert 0 < float(line.split()[1]) < 8
+                assert await worker.wait_exit(30) == 1
+            finally:
+                worker.stop()
+        (warning,) = [e for e in worker.lines() if e["msg"].startswith("the SAS in SIDECAR_")]
+        assert "run grant again" in warning["msg"]
+        errors = [e["msg"] for e in worker.lines() if e["level"] == "error"]
+        assert len(errors) == 1 and "expires at" in errors[0] and "stopping before it does" in errors[0]
+        done = set(worker.done_jobs())
+        stored = {n.split("/")[0] for n in await blob_names(store) if n.endswith("job.json")}
+        assert done and done <= stored
+        assert await store.approximate_count(queue) == 40 - len(done)
+    finally:
+        await store.close()
