@@ -256,7 +256,7 @@ async def test_container_deleted_mid_run_stops_the_worker_and_keeps_every_job(
     assert "404 ContainerNotFound" in last and "container was deleted" in last
 
 
-async def test_a_sas_expiring_mid_run_turns_readyz_503_then_exits_1(
+async def test_a_sas_revoked_mid_run_turns_readyz_503_then_exits_1(
     make_settings: Any,
     front: AzureQueueFront,
     azurite_server: Azurite,
@@ -265,11 +265,12 @@ async def test_a_sas_expiring_mid_run_turns_readyz_503_then_exits_1(
     own_standin: Any,
     tmp_path: Path,
 ) -> None:
-    """Steps: a worker on a SAS that expires a few seconds in, with jobs flowing. Once storage refuses
-    it (403 AuthenticationFailed), /readyz turns 503 naming the refusal while the worker gives back
-    what it holds (the front holds those releases until the test has seen /readyz), then it exits 1
-    with one line naming the authentication failure."""
-    expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=6)
+    """Steps: a worker on a SAS, with jobs flowing; once jobs are done, the SAS is revoked (storage
+    answers 403 AuthenticationFailed to it; an expiry the worker can read ahead is tested with grant's
+    credentials). /readyz turns 503 naming the refusal while the worker gives back what it holds (the
+    front holds those releases until the test has seen /readyz, then lets them through), then it exits
+    1 with one line naming the authentication failure. Nothing but the stored jobs left the queue."""
+    expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
     sas = generate_account_sas(
         ACCOUNT,
         ACCOUNT_KEY,
@@ -295,13 +296,16 @@ async def test_a_sas_expiring_mid_run_turns_readyz_503_then_exits_1(
         try:
             await worker.wait_for(lambda: bool(worker.messages("starting")), what="start")
             port = worker.messages("starting")[0]["http_port"]
+            await worker.wait_for(lambda: len(worker.done_jobs()) >= 2, timeout=30, what="two jobs")
+            front.refuse(
+                lambda method, path, query: query.get("visibilitytimeout") != "0", 403, "AuthenticationFailed"
+            )
             await asyncio.wait_for(releases.waiting(1), 30)
             async with httpx.AsyncClient() as http:
                 ready = await http.get(f"http://127.0.0.1:{port}/readyz")
             assert ready.status_code == 503
             (reason,) = [r for r in ready.json()["reasons"] if r.startswith("stopping:")]
-            # Azurite's queue says AuthenticationFailed for an expired SAS, its blob AuthorizationFailure
-            assert "403 AuthenticationFailed" in reason or "403 AuthorizationFailure" in reason
+            assert "403 AuthenticationFailed" in reason
             releases.open()
             assert await worker.wait_exit(20) == 1
         finally:
@@ -312,7 +316,7 @@ async def test_a_sas_expiring_mid_run_turns_readyz_503_then_exits_1(
     assert errors[0] == reason, "the exit line is the refusal /readyz gave"
     assert "expired" in errors[0]
     done = set(worker.done_jobs())
-    assert done, "no job ran before the SAS expired: the test did not test a mid-run expiry"
+    assert done, "no job ran before the SAS was revoked: the test did not test a mid-run refusal"
     stored = {name.split("/")[0] for name in await blob_names(storage) if name.endswith("job.json")}
     assert done <= stored
     # Nothing but the stored jobs left the queue (the count includes messages still invisible).
