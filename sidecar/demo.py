@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import load_settings
 from sidecar.devenv import azurite, standin
 from sidecar.enqueue import enqueue, lines_of

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.errors import InvalidJob
 from sidecar.jobs import JobSpec, Limits, parse_job
 from sidecar.storage import Storage

@@ -269,7 +269,7 @@ async def test_an_exception_nobody_planned_for_poisons_only_its_message(
     plan for (a bug, say). Each of those messages is poisoned with the exception's type and text; the
     good job between them is stored and the worker drains normally (exit 0)."""
     from sidecar import worker as worker_module
-    from sidecar.cli import run_worker
+    from sidecar.app import run_worker
     from sidecar.jobs import Job
 
     real_parse, real_payload = worker_module.parse_job, Job.txt2img_payload

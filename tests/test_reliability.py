@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import Settings
 from sidecar.storage import Storage
 from tests.conftest import make_azurite, run_cli

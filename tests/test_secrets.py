@@ -53,7 +53,7 @@ async def test_original_too_big_for_a_poison_message_goes_to_a_blob(
 ) -> None:
     """Steps: a 65,500-byte message (a prompt over the limit) cannot fit in a poison message with its
     wrapper; the poison message names a blob that holds the original byte for byte."""
-    from sidecar.cli import run_worker
+    from sidecar.app import run_worker
 
     queue = settings.queue_name[0]
     original = json.dumps({"prompt": "y" * (65_500 - 14)})

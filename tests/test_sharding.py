@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import Settings
 from sidecar.enqueue import enqueue, generated
 from sidecar.storage import Storage

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import Settings
 from sidecar.status import Shard, Snapshot, compare, render
 from sidecar.storage import Storage

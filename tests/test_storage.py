@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
 
+from sidecar.app import run_worker
 from sidecar.backoff import call_with_retries
-from sidecar.cli import run_worker
 from sidecar.config import Settings
 from sidecar.errors import LeaseLost, StorageRefused, StorageUnavailable
 from sidecar.storage import JSON, PNG, Storage

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import Settings
 from sidecar.storage import Storage
 from tests.conftest import run_cli
