@@ -1,6 +1,6 @@
 """How fast ``enqueue`` sends, against a bare concurrent ``send_message`` loop, in one run.
 
-Starts a fresh Azurite (``sidecar.devenv.azurite``), then puts the same N generated jobs on a fresh
+Starts a fresh Azurite (``sidecar.dev.devenv.azurite``), then puts the same N generated jobs on a fresh
 queue two ways, with the same concurrency and the same SDK client:
 
 * ``bare``: ``QueueClient.send_message`` from ``concurrency`` tasks over texts prepared beforehand
@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.config import load_settings
-from sidecar.devenv import azurite
+from sidecar.dev.devenv import azurite
 from sidecar.enqueue import Item, enqueue, generated
 from sidecar.storage import Storage
 

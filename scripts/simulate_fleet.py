@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidecar.cli import run_worker
 from sidecar.config import Settings, load_settings
-from sidecar.devenv import Azurite, azurite, standin
+from sidecar.dev.devenv import Azurite, azurite, standin
 from sidecar.prompts import generate_jobs
 from sidecar.storage import Message, Storage
 

@@ -134,16 +134,22 @@ def cmd_grant(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sidecar.bench import run_bench
+    from sidecar.dev import require_extra
+
+    require_extra("bench")
+    from sidecar.dev.bench import run_bench
 
     return run_bench(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import demo
+    from sidecar.dev import require_extra
+
+    require_extra("demo")
+    from sidecar.dev.demo import demo
 
     logs.configure("text")
-    return asyncio.run(demo(Path(args.jobs), Path(args.out)))
+    return asyncio.run(demo(None if args.jobs is None else Path(args.jobs), Path(args.out)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     demo = commands.add_parser("demo", help="Azurite + stand-in A1111 + the worker over sample jobs")
-    demo.add_argument(
-        "--jobs", default=str(Path(__file__).resolve().parent.parent / "examples" / "jobs.jsonl")
-    )
+    demo.add_argument("--jobs", default=None, help="JSONL file of jobs (default: the bundled sample jobs)")
     demo.add_argument("--out", default="out", help="where to copy the images")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sidecar.config import Settings, load_settings
-from sidecar.devenv import Azurite, Child, Standin, azurite_binary, free_port, new_azurite, standin_argv
+from sidecar.dev.devenv import Azurite, Child, Standin, azurite_binary, free_port, new_azurite, standin_argv
 from sidecar.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +141,6 @@ def run_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.C
 @pytest.fixture
 async def own_standin() -> AsyncIterator[Any]:
     """A stand-in of the test's own: ``async with own_standin(0.5, ["--crash-after", "3"]) as a1111``."""
-    from sidecar.devenv import standin
+    from sidecar.dev.devenv import standin
 
     return standin

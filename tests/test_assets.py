@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.a1111 import http_client
 from sidecar.assets import Catalog, CatalogError, Checkpoint, Problem, Snapshot, lora_names
-from sidecar.devenv import Child, Standin, free_port, standin_argv
+from sidecar.dev.devenv import Child, Standin, free_port, standin_argv
 from sidecar.jobs import LEGACY_SAMPLERS, parse_job
 from sidecar.prompts import generate_jobs
 

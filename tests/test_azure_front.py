@@ -31,7 +31,7 @@ from azure.core.rest import AsyncHttpResponse, HttpRequest
 from azure.storage.queue import AccountSasPermissions, QueueMessage, ResourceTypes, generate_account_sas
 from azure.storage.queue.aio import QueueClient
 
-from sidecar.devenv import ACCOUNT, ACCOUNT_KEY, Azurite
+from sidecar.dev.devenv import ACCOUNT, ACCOUNT_KEY, Azurite
 from tests.azure_front import AzureQueueFront, on
 
 AZURE_RECEIPT = re.compile(r"[A-Za-z0-9+/]{27}=")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sidecar.bench import busy_seconds, gaps, in_window, log_time, percentile
-from sidecar.chart import Guide, Series, line_chart, pick_bucket, rate_series
+from sidecar.dev.chart import Guide, Series, line_chart, pick_bucket, rate_series
+from sidecar.dev.measure import busy_seconds, gaps, in_window, log_time, percentile
 from tests.conftest import ROOT, _azurite_or_skip
 
 CONTRACT_KEYS = {
@@ -116,7 +116,7 @@ def test_rate_series_and_chart(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     line_chart(
         path,
-        [Series("a", points, (213, 94, 0)), Series("b", [(1.0, 1.0)], (0, 114, 178))],
+        [Series("a", points, "#d55e00"), Series("b", [(1.0, 1.0)], "#0072b2")],
         title="t",
         x_label="x",
         y_label="y",

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import Settings, load_settings
-from sidecar.devenv import connection_string
+from sidecar.dev.devenv import connection_string
 from sidecar.enqueue import EnqueueStopped, JsonlFile, enqueue, generated, lines_of
 from sidecar.errors import InvalidJob
 from sidecar.jobs import parse_job

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sidecar.config import load_settings
-from sidecar.devenv import free_port
+from sidecar.dev.devenv import free_port
 from sidecar.storage import Storage
 from tests.conftest import ROOT
 from tests.helpers import WorkerProcess, blob_names, standin_generating, visible_messages, wait_until

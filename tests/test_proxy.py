@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from sidecar.proxy import LatencyProxy, Link, storage_proxies
+from sidecar.dev.proxy import LatencyProxy, Link, storage_proxies
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 LOOSE = 5.0  # seconds of slack on any upper bound

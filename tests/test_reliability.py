@@ -323,7 +323,7 @@ async def test_hung_generation_is_interrupted_and_retried(
 def test_a1111_not_up_at_start_exits_non_zero(make_settings: Any) -> None:
     """Steps: nothing listens at SIDECAR_A1111_URL; after the 1 s start timeout the worker exits 3
     with one clear line."""
-    from sidecar.devenv import free_port
+    from sidecar.dev.devenv import free_port
 
     settings = make_settings(a1111_url=f"http://127.0.0.1:{free_port()}", a1111_start_timeout=1)
     done = run_cli(settings, "run")

@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from sidecar.devenv import ACCOUNT_KEY
+from sidecar.dev.devenv import ACCOUNT_KEY
 from sidecar.logs import redact
 from sidecar.storage import Storage
 from tests.conftest import run_cli

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from sidecar.devenv import Child, Standin, free_port, standin_argv
+from sidecar.dev.devenv import Child, Standin, free_port, standin_argv
 from sidecar.prompts import LORAS as GENERATED_LORAS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from sidecar.devenv import Child, Standin, free_port, standin_argv
+from sidecar.dev.devenv import Child, Standin, free_port, standin_argv
 
 DATA = Path(__file__).parent / "data" / "a1111-v1.10.1"
 RECORDED_SHA = "4958f9b4af38887b980d05f54f8156dd28bd747318fa462dedcdaa59d9267d41"

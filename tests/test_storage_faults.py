@@ -20,7 +20,7 @@ import pytest
 from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
 
 from sidecar.config import Settings
-from sidecar.devenv import ACCOUNT, ACCOUNT_KEY, Azurite
+from sidecar.dev.devenv import ACCOUNT, ACCOUNT_KEY, Azurite
 from sidecar.errors import LeaseLost, StorageRefused
 from sidecar.lease import Lease
 from sidecar.storage import Message, Storage

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import Settings
-from sidecar.devenv import ACCOUNT_KEY, Azurite, connection_string, free_port
+from sidecar.dev.devenv import ACCOUNT_KEY, Azurite, connection_string, free_port
 from tests.conftest import ROOT, make_azurite, settings_env, worker_command
 
 WRONG_KEY = "A" * 86 + "=="

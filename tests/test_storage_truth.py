@@ -18,7 +18,7 @@ from azure.storage.queue._generated.operations._operations import (
 )
 
 from sidecar.config import Settings, load_settings
-from sidecar.devenv import free_port
+from sidecar.dev.devenv import free_port
 from sidecar.errors import ConfigError, LeaseLost, StorageRefused, StorageUnavailable
 from sidecar.storage import Storage, _child_url, classify
 from tests.conftest import run_cli

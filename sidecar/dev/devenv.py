@@ -22,7 +22,14 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def source_checkout() -> Path | None:
+    """The project folder this package runs from (an editable install or a plain checkout), or None
+    for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "sidecar").is_dir() else None
+
+
 # Azurite's well-known development account (public, documented; not a secret).
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -42,10 +49,16 @@ def connection_string(blob_port: int, queue_port: int, host: str = "127.0.0.1") 
 
 
 def azurite_binary() -> str:
-    local = ROOT / "node_modules" / ".bin" / "azurite"
-    found = str(local) if local.exists() else shutil.which("azurite")
+    """Azurite from ``node_modules`` of the current folder or of the source checkout, else from PATH."""
+    for folder in (Path.cwd(), source_checkout()):
+        if folder is not None and (local := folder / "node_modules" / ".bin" / "azurite").exists():
+            return str(local)
+    found = shutil.which("azurite")
     if not found:
-        raise FileNotFoundError("Azurite is not installed: run `npm ci` in the project folder (see README)")
+        raise FileNotFoundError(
+            "Azurite is not installed: run `npm ci` in the project folder (see README), "
+            "or put `azurite` on PATH (npm install -g azurite)"
+        )
     return found
 
 

@@ -6,17 +6,33 @@ the end, since the in-memory emulator forgets them when it stops.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.resources
 import json
 from pathlib import Path
 
 from sidecar.app import run_worker
 from sidecar.config import load_settings
-from sidecar.devenv import azurite, standin
+from sidecar.dev.devenv import azurite, standin
 from sidecar.enqueue import enqueue, lines_of
 from sidecar.storage import Storage
 
+# the same jobs as examples/jobs.jsonl, shipped in the package so that an installed demo has them
+SAMPLE_JOBS = "sample-jobs.jsonl"
 
-async def demo(jobs: Path, out: Path) -> int:
+
+async def demo(jobs: Path | None, out: Path) -> int:
+    """Run the demo over ``jobs`` (a JSONL file; None: the bundled sample jobs)."""
+    with contextlib.ExitStack() as stack:
+        if jobs is None:
+            sample = importlib.resources.files(__package__ or "sidecar.dev") / SAMPLE_JOBS
+            jobs = stack.enter_context(importlib.resources.as_file(sample))
+        elif not jobs.is_file():
+            raise SystemExit(f"demo: no job file {jobs}")
+        return await _demo(jobs, out)
+
+
+async def _demo(jobs: Path, out: Path) -> int:
     print("starting Azurite (storage emulator) and the A1111 stand-in ...")
     async with azurite() as storage_server, standin(seconds_per_image=0.25) as a1111:
         settings = load_settings(
