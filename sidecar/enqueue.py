@@ -19,16 +19,24 @@ import base64
 import json
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from tqdm import tqdm
 
 from sidecar.errors import InvalidJob, StorageUnavailable
+from sidecar.formatting import format_duration
 from sidecar.jobs import MAX_MESSAGE_BYTES, Limits, parse_job
 from sidecar.prompts import generate_jobs
 from sidecar.storage import NEVER_EXPIRES, Storage, classify
+
+if TYPE_CHECKING:
+    _TqdmBase = tqdm[None]
+else:
+    _TqdmBase = tqdm
 
 KEEP_BAD = 100  # bad lines kept in the report for callers; all of them go to ``on_bad``
 MAX_LINE_BYTES = MAX_MESSAGE_BYTES + 2  # a message, plus CRLF
@@ -139,63 +147,83 @@ def generated(count: int, seed: int, start_line: int = 1) -> Iterator[Item]:
             yield number, json.dumps(job)
 
 
+class _Bar(_TqdmBase):
+    """tqdm's bar with the fields the formats below name: sent, speed (msg/s) and eta_text."""
+
+    monitor_interval = 0  # no monitor thread: the bar is updated often enough
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        fields = dict(super().format_dict)
+        fields.update(_fields(fields["n"], fields["total"], fields["elapsed"], fields["rate"]))
+        return fields
+
+
+def _fields(sent: int, total: float | None, elapsed: float, rate: float | None) -> dict[str, str]:
+    if rate is None:
+        rate = sent / elapsed if elapsed > 0 else 0.0
+    eta = format_duration((total - sent) / rate) if total and rate > 0 else "?"
+    return {"sent": f"{sent:,}", "speed": f"{rate:,.0f} msg/s", "eta_text": eta}
+
+
 class Progress:
-    """A progress line with rate and ETA: redrawn in place on a terminal, a plain line now and then
-    otherwise (logs). Rate and ETA come from the last ``WINDOW`` seconds, not the whole run, so a slow
-    start (connections) or a throttled stretch does not skew them for long."""
+    """Messages sent, their rate and, when the input's size is known, the share done and an ETA.
 
-    WINDOW = 10.0
+    On a terminal, a tqdm bar redrawn in place. Anywhere else (a log, a pipe) a plain line every
+    ``LOG_EVERY`` seconds, without carriage returns or escape codes. A file's share is its bytes read;
+    the messages it holds in all are estimated from that for the ETA, never shown as a count.
+    """
 
-    def __init__(self, fraction: Callable[[], float | None], stream: TextIO = sys.stderr) -> None:
+    LOG_EVERY = 10.0
+    WITH_SHARE = "[{bar:24}] {percentage:3.0f}%  {sent} sent  {speed}  ETA {eta_text}"
+    WITHOUT_SHARE = "{sent} sent  {speed}"
+    PLAIN = "{percentage:3.0f}%  {sent} sent  {speed}  ETA {eta_text}"  # WITH_SHARE without the bar
+
+    def __init__(
+        self, total: int | None, fraction: Callable[[], float | None], stream: TextIO = sys.stderr
+    ) -> None:
+        self.total = total
         self.fraction = fraction
         self.stream = stream
-        self.tty = stream.isatty()
-        self.every = 0.2 if self.tty else 10.0
-        self.started = time.monotonic()
-        self._last = self.started
-        self._samples: deque[tuple[float, int, float]] = deque([(self.started, 0, 0.0)])
+        self.started = self._last = time.monotonic()
+        self.bar: _Bar | None = None
+        if stream.isatty():
+            self.bar = _Bar(
+                total=total,
+                file=stream,
+                mininterval=0.2,
+                ascii="-#",
+                bar_format=self.WITH_SHARE if total or fraction() is not None else self.WITHOUT_SHARE,
+            )
+
+    def _expected(self, sent: int) -> float | None:
+        """The messages the input holds in all: given, or estimated from the share of a file read."""
+        if self.total:
+            return self.total
+        fraction = self.fraction()
+        return max(float(sent), sent / fraction) if fraction else None
 
     def update(self, sent: int) -> None:
+        if self.bar is not None:
+            self.bar.total = self._expected(sent)
+            self.bar.update(sent - self.bar.n)
+            return
         now = time.monotonic()
-        if now - self._last >= self.every:
-            self._draw(now, sent)
+        if now - self._last >= self.LOG_EVERY:
+            self._last = now
+            expected = self._expected(sent)
+            fields = _fields(sent, expected, now - self.started, None)
+            if expected:
+                text = self.PLAIN.format(percentage=100 * min(1.0, sent / expected), **fields)
+            else:
+                text = self.WITHOUT_SHARE.format(**fields)
+            print(f"enqueue: {text}", file=self.stream, flush=True)
 
     def close(self, sent: int) -> None:
-        if self.tty:
-            self._draw(time.monotonic(), sent)
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _draw(self, now: float, sent: int) -> None:
-        self._last = now
-        fraction = self.fraction()
-        self._samples.append((now, sent, fraction or 0.0))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW:
-            self._samples.popleft()
-        then, sent_then, fraction_then = self._samples[0]
-        span = max(now - then, 1e-9)
-        text = f"{sent:,} sent  {(sent - sent_then) / span:,.0f} msg/s"
-        if fraction is not None:
-            speed = (fraction - fraction_then) / span
-            eta = format_duration((1 - fraction) / speed) if speed > 0 else "?"
-            width = 24
-            filled = int(width * fraction)
-            text = f"[{'#' * filled}{'-' * (width - filled)}] {fraction:4.0%}  {text}  ETA {eta}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-        else:
-            self.stream.write(f"enqueue: {text}\n")
-        self.stream.flush()
-
-
-def format_duration(seconds: float) -> str:
-    """1h02m, 3m05s, 17s."""
-    whole = int(seconds)
-    if whole >= 3600:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    if whole >= 60:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole}s"
+        if self.bar is not None:
+            self.bar.total = self._expected(sent)
+            self.bar.update(sent - self.bar.n)
+            self.bar.close()
 
 
 async def enqueue(
@@ -224,14 +252,9 @@ async def enqueue(
         raise ValueError("concurrency must be at least 1")
     report = Report()
     source = iter(items)
-    consumed = 0
-
-    def fraction() -> float | None:
-        if isinstance(items, JsonlFile):
-            return items.fraction()
-        return min(1.0, consumed / total) if total else None
-
-    progress = Progress(fraction, progress_stream)
+    progress = Progress(
+        total, items.fraction if isinstance(items, JsonlFile) else lambda: None, progress_stream
+    )
     clients = [storage.queue(name) for name in queues]
     in_flight: set[int] = set()  # line numbers being sent (or whose send failed)
     halt: list[EnqueueStopped | BaseException] = []
@@ -240,13 +263,12 @@ async def enqueue(
 
     def take() -> tuple[int, str, int] | None:
         """The next valid job as (line, message text, shard), or None at the end or on a stop."""
-        nonlocal consumed, next_line, sequence
+        nonlocal next_line, sequence
         while not halt and not (stop is not None and stop.is_set()):
             try:
                 number, text = next(source)
             except StopIteration:
                 return None
-            consumed += 1
             next_line = number + 1
             try:
                 if isinstance(text, InvalidJob):
@@ -326,7 +348,8 @@ def print_bad(progress_stream: TextIO = sys.stderr) -> Callable[[int, str], None
     def report(line: int, reason: str) -> None:
         text = f"enqueue: line {line} skipped: {reason}"
         if progress_stream.isatty():
-            text = "\r\x1b[2K" + text
-        print(text, file=progress_stream, flush=True)
+            tqdm.write(text, file=progress_stream)  # above the bar, which is drawn again below it
+        else:
+            print(text, file=progress_stream, flush=True)
 
     return report

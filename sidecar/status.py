@@ -32,8 +32,8 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 
 from sidecar.config import Settings
-from sidecar.enqueue import format_duration
 from sidecar.errors import SidecarError
+from sidecar.formatting import format_duration
 from sidecar.storage import Storage
 
 PEEK = 32  # Azure's cap on messages per peek

@@ -21,7 +21,7 @@ import pytest
 
 from sidecar.config import Settings, load_settings
 from sidecar.dev.devenv import connection_string
-from sidecar.enqueue import EnqueueStopped, JsonlFile, enqueue, generated, lines_of
+from sidecar.enqueue import EnqueueStopped, JsonlFile, Progress, enqueue, generated, lines_of, print_bad
 from sidecar.errors import InvalidJob
 from sidecar.jobs import parse_job
 from sidecar.prompts import LORAS, NEGATIVE, NOUNS, SCENES, generate_jobs
@@ -262,3 +262,28 @@ async def test_progress_bar_on_a_terminal_only(storage: Storage, settings: Setti
     assert drawn.endswith("\n") and "\r" in drawn
     assert log.getvalue() == ""  # a short run off a terminal prints no progress
     assert await queue_length(storage, settings.queue_name[0]) == 60
+
+
+def test_progress_off_a_terminal_is_plain_lines_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = io.StringIO()
+    monkeypatch.setattr(Progress, "LOG_EVERY", 0.0)
+    Progress(None, lambda: 0.25, log).update(100)  # a file a quarter read
+    Progress(None, lambda: None, log).update(7)  # stdin: no size, so no share and no ETA
+    first, second = log.getvalue().splitlines()
+    assert re.fullmatch(r"enqueue:  25%  100 sent  [\d,]+ msg/s  ETA \S+", first), first
+    assert re.fullmatch(r"enqueue: 7 sent  [\d,]+ msg/s", second), second
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+
+
+def test_progress_of_a_file_on_a_terminal_shows_the_share_read_not_a_guessed_count() -> None:
+    terminal = Terminal()
+    progress = Progress(None, lambda: 0.5, terminal)
+    progress.update(40)
+    print_bad(terminal)(41, "prompt: is required")
+    progress.close(40)
+    drawn = terminal.getvalue()
+    assert " 50%  40 sent" in drawn and "/80" not in drawn and "80" not in drawn.split("ETA")[0]
+    # the skipped line is printed whole on a line of its own, and the bar is drawn again below it
+    skipped, bar = [line.rsplit("\r", 1)[-1] for line in drawn.rstrip("\n").split("\n")]
+    assert skipped == "enqueue: line 41 skipped: prompt: is required"
+    assert bar.startswith("[############------------]  50%  40 sent")
