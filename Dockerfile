@@ -43,7 +43,8 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/sidecar/bin:$PATH \
     SIDECAR_LOG_FORMAT=json
 RUN groupadd --system --gid 10001 sidecar \
- && useradd --system --uid 10001 --gid sidecar --create-home --home-dir /home/sidecar --shell /usr/sbin/nologin sidecar
+ && useradd --system --uid 10001 --gid sidecar --create-home --home-dir /home/sidecar --shell /usr/sbin/nologin sidecar \
+ && install -d -o sidecar -g sidecar -m 0700 /var/lib/sidecar
 # Dependencies first (hash-checked, wheels only): this layer changes only with requirements.lock.
 RUN --mount=type=bind,from=build,source=/src/runtime.lock,target=/tmp/runtime.lock \
     python -m venv /opt/sidecar \
@@ -98,6 +99,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 sidecar \
  && useradd --uid 10001 --gid sidecar --create-home --home-dir /home/sidecar --shell /usr/sbin/nologin sidecar \
+ && install -d -o sidecar -g sidecar -m 0700 /var/lib/sidecar \
  && install -d -o sidecar -g sidecar /opt/a1111 /opt/sidecar \
     /models /models/Stable-diffusion /models/Lora /models/VAE /models/embeddings
 

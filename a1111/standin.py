@@ -61,6 +61,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from a1111.assets import AssetSpec, AssetsUpdate, default_specs, parse_list
+from a1111.auth import PREFIX, ApiAuth, parse_api_auth
 from a1111.faults import Faults
 from a1111.generation import Settings, StandIn
 from a1111.shapes import Txt2ImgRequest, a1111_error, v1_errors
@@ -94,7 +95,8 @@ class ProcessTime:
         await self.app(scope, receive, timed)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, api_auth: str | None = None) -> FastAPI:
+    """The stand-in's app; ``api_auth``: A1111's ``--api-auth`` value (``user:password[,...]``)."""
     standin = StandIn(settings)
     app = FastAPI(title="A1111 stand-in", version=VERSION)
     app.state.standin = standin
@@ -118,6 +120,18 @@ def create_app(settings: Settings) -> FastAPI:
     add_a1111_routes(app, standin)
     add_asset_routes(app, standin)
     add_standin_routes(app, standin)
+    if api_auth is not None:
+        credentials = parse_api_auth(api_auth)
+
+        @app.post("/standin/api-auth")
+        async def change_api_auth(request: Request) -> dict[str, Any]:
+            """A1111 restarted with another --api-auth (the body: the new value as a JSON string)."""
+            credentials.clear()
+            credentials.update(parse_api_auth(str(await request.json())))
+            return {}
+
+        routes = {path for route in app.routes if (path := getattr(route, "path", "")).startswith(PREFIX)}
+        app.add_middleware(ApiAuth, credentials=credentials, routes=routes)
     return app
 
 
@@ -229,6 +243,11 @@ def add_standin_routes(app: FastAPI, standin: StandIn) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: list[str] | None = None) -> tuple[Settings, str | None]:
+    """The stand-in's settings and its ``--api-auth`` value."""
     parser = argparse.ArgumentParser(prog="python -m a1111.standin", description="A1111 API stand-in")
     add = parser.add_argument
     add("--host", default="127.0.0.1")
@@ -259,7 +278,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     add("--download-seconds", type=float, default=10.0, help="one try to fetch missing weights")
     add("--downloads", choices=["fail", "succeed"], default="fail", help="how such a try ends")
     add("--model-switch-seconds", type=float, default=0.0, help="loading another checkpoint")
+    add("--api-auth", default=None, metavar="USER:PASSWORD[,...]", help="HTTP Basic on /sdapi/v1, as A1111")
     args = vars(parser.parse_args(argv))
+    api_auth = args.pop("api_auth")
+    if api_auth is not None:
+        try:
+            parse_api_auth(api_auth)
+        except ValueError:
+            parser.error("--api-auth takes user:password pairs separated by ','")
     defaults = default_specs()
     assets = parse_list("checkpoint", args.pop("checkpoints") or "")
     assets = assets or [s for s in defaults if s.kind == "checkpoint"]
@@ -273,16 +299,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         name, _, prompt = style.partition("=")
         assets.append(AssetSpec(kind="style", name=name, prompt=prompt))
     args["hashing"] = not args.pop("no_hashing")
-    return Settings(**args, assets=assets)
+    return Settings(**args, assets=assets), api_auth
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
+    settings, api_auth = parse_command(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, api_auth),
         host=settings.host,
         port=settings.port,
         http="httptools",

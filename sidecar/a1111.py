@@ -20,6 +20,7 @@ from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
 
 from sidecar.errors import (
+    A1111AuthRefused,
     A1111CutShort,
     A1111Rejected,
     A1111ServerError,
@@ -83,12 +84,29 @@ def _error_detail(response: httpx.Response) -> str:
 AiohttpResponseStream.CHUNK_SIZE = 1 << 20
 
 
-def http_client(base_url: str) -> httpx.AsyncClient:
+def http_client(base_url: str, auth: tuple[str, str] | None = None) -> httpx.AsyncClient:
     """httpx over aiohttp's transport (C HTTP parser): half the CPU per txt2img of httpcore's pure-Python
-    HTTP/1.1 stack, which parses and copies the whole base64 answer in 64 KB steps."""
+    HTTP/1.1 stack, which parses and copies the whole base64 answer in 64 KB steps. ``auth``: the
+    user and password of A1111's ``--api-auth``, sent as HTTP Basic on every call."""
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     transport = AiohttpTransport(limits=limits, trust_env=False)
-    return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=30.0)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=transport,
+        timeout=30.0,
+        auth=httpx.BasicAuth(*auth) if auth is not None else None,
+    )
+
+
+def _auth_refused(response: httpx.Response, sent: bool) -> A1111AuthRefused:
+    """A 401: A1111 runs with --api-auth and the credentials are missing or wrong (never the job's fault)."""
+    detail = _error_detail(response)
+    if sent:
+        return A1111AuthRefused(f"A1111 refused the credentials in SIDECAR_A1111_API_AUTH (401: {detail})")
+    return A1111AuthRefused(
+        f"A1111 asks for credentials (401: {detail}): set SIDECAR_A1111_API_AUTH to the user:password "
+        "of its --api-auth"
+    )
 
 
 class A1111Client:
@@ -116,6 +134,8 @@ class A1111Client:
         while True:
             try:
                 response = await self.http.get("/sdapi/v1/sd-models", timeout=10.0)
+                if response.status_code == 401:
+                    raise _auth_refused(response, self.http.auth is not None)
                 if response.status_code == 200:
                     await self.stop_leftover(generation_timeout)
                     left = max(1.0, deadline - time.monotonic())
@@ -129,6 +149,8 @@ class A1111Client:
                 last = f"warm-up generation failed: {error}"
             except A1111Rejected as error:
                 raise A1111Unavailable(f"A1111 refused the warm-up generation: {error}") from None
+            except A1111AuthRefused as error:  # trying again cannot help: one line, at once
+                raise A1111Unavailable(str(error)) from None
             if time.monotonic() + poll > deadline:
                 raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
             await asyncio.sleep(poll)
@@ -193,6 +215,8 @@ class A1111Client:
             raise A1111CutShort("A1111 was interrupted while this generation may have been running")
         if response.status_code >= 500:
             raise A1111ServerError(response.status_code, _error_detail(response))
+        if response.status_code == 401:
+            raise _auth_refused(response, self.http.auth is not None)
         if response.status_code >= 400:
             raise A1111Rejected(response.status_code, _error_detail(response))
         try:

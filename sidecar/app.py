@@ -61,7 +61,7 @@ async def run_worker(
     """Start up (endpoints, A1111, storage, warm-up), then process jobs. Returns the exit code."""
     metrics = Metrics()
     storage = Storage.connect(settings)
-    async with http_client(settings.a1111_url) as http:
+    async with http_client(settings.a1111_url, settings.a1111_credentials) as http:
         a1111 = A1111Client(http)
         catalog = Catalog(
             http,

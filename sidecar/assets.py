@@ -45,6 +45,8 @@ from typing import Any, Literal
 
 import httpx
 
+from sidecar.errors import A1111AuthRefused
+
 log = logging.getLogger(__name__)
 
 ProblemKind = Literal["lora", "checkpoint", "vae", "upscaler", "style", "sampler", "scheduler", "download"]
@@ -319,6 +321,10 @@ class Catalog:
             raise CatalogError(f"GET {path}: {type(error).__name__} {error}".strip()) from None
         if missing_ok and response.status_code == 404:
             return None
+        if response.status_code == 401:  # A1111's --api-auth: no job's fault, and retrying cannot help
+            raise A1111AuthRefused(
+                f"A1111 refused the credentials in SIDECAR_A1111_API_AUTH (GET {path}: 401)"
+            )
         if response.status_code != 200:
             raise CatalogError(f"GET {path} answered {response.status_code}")
         try:

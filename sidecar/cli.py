@@ -23,7 +23,7 @@ log = logging.getLogger("sidecar")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(env_file=args.env_file)
     logs.configure(settings.log_format)
     keep_freed_memory()
     # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
@@ -124,12 +124,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
-    from sidecar.grant import make_grant, print_grant
+    from sidecar.grant import make_grant, print_grant, write_grant
 
     if not 0 < args.days <= 365:
         raise SystemExit("grant: --days must be more than 0 and at most 365")
     settings = load_settings()
-    print_grant(make_grant(settings, args.days), args.json)
+    grant = make_grant(settings, args.days)
+    if args.output is None:
+        print_grant(grant, args.json)
+        return 0
+    write_grant(grant, Path(args.output))
+    print(f"wrote {args.output} (expires {grant.expires:%Y-%m-%dT%H:%M:%SZ})")
     return 0
 
 
@@ -167,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --exit-when-empty: wait up to SECONDS for messages still invisible under other "
         "(perhaps dead) consumers' leases to come back, and run them",
+    )
+    run.add_argument(
+        "--env-file",
+        default=None,
+        metavar="PATH",
+        help="read settings from NAME=value lines too (e.g. written by grant --output); the environment wins",
     )
     run.set_defaults(func=cmd_run)
 
@@ -217,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grant.add_argument("--days", type=float, default=7.0, help="days until the credentials expire (7)")
     grant.add_argument("--json", action="store_true", help="also say what they may and may not do")
+    grant.add_argument(
+        "--output", default=None, metavar="PATH", help="write the NAME=value lines to PATH (mode 0600)"
+    )
     grant.set_defaults(func=cmd_grant)
 
     bench = commands.add_parser("bench", help="throughput benchmark: sequential vs pipelined, with a report")

@@ -7,6 +7,7 @@ variable; secret values (connection strings, keys) are never echoed.
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ _QUEUE_NAME = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
 # Azure blob container names follow the same rule.
 _CONTAINER_NAME = _QUEUE_NAME
 
-_SECRET_FIELDS = {"storage_connection_string", "blob_connection_string"}
+_SECRET_FIELDS = {"storage_connection_string", "blob_connection_string", "a1111_api_auth"}
 
 # Each try of a request that keeps a lease (renew, release, delete) ends within this many seconds
 # at most: a renewal can then be retried before the message becomes visible again, instead of
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
 
     a1111_url: str = "http://127.0.0.1:7860"
     a1111_command: str | None = None
+    # A1111's --api-auth credential ("user:password"), sent as HTTP Basic; never logged.
+    a1111_api_auth: SecretStr | None = None
     storage_connection_string: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices(
@@ -126,6 +129,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a valid blob container name")
         return value
 
+    @field_validator("a1111_api_auth")
+    @classmethod
+    def _check_api_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        # A1111 splits its --api-auth on "," (pairs) and ":" (user, password): one pair, one colon.
+        if value is None:
+            return None
+        user, colon, password = value.get_secret_value().partition(":")
+        if not colon or not user or not password or ":" in password or "," in value.get_secret_value():
+            raise ValueError(
+                "must be user:password as given to A1111's --api-auth (one pair; A1111 allows no ':' "
+                "or ',' inside either part)"
+            )
+        return value
+
     @field_validator("a1111_url", "storage_account_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -188,6 +205,14 @@ class Settings(BaseSettings):
         return secret.get_secret_value() if secret is not None else None
 
     @property
+    def a1111_credentials(self) -> tuple[str, str] | None:
+        """(user, password) for A1111's --api-auth, or None."""
+        if self.a1111_api_auth is None:
+            return None
+        user, _, password = self.a1111_api_auth.get_secret_value().partition(":")
+        return user, password
+
+    @property
     def blob_connection(self) -> str | None:
         secret = self.blob_connection_string
         return secret.get_secret_value() if secret is not None else None
@@ -210,9 +235,16 @@ def _describe(error: ValidationError) -> str:
     return f"{variable}: {message}{shown}"
 
 
-def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
-    """Read the environment (plus ``overrides``); a bad value raises ConfigError with one clear line."""
+def load_settings(overrides: Mapping[str, object] | None = None, env_file: str | None = None) -> Settings:
+    """Read the environment (plus ``overrides``); a bad value raises ConfigError with one clear line.
+
+    ``env_file``: ``NAME=value`` lines (what ``grant`` writes) read as well; a variable set in the
+    environment wins over the file."""
+    if env_file is not None and not os.path.isfile(env_file):
+        raise ConfigError(f"--env-file {env_file}: no such file")
     try:
+        if env_file is not None:
+            return Settings(_env_file=env_file, **dict(overrides or {}))  # type: ignore[arg-type]
         return Settings(**dict(overrides or {}))  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None

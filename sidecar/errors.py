@@ -151,5 +151,10 @@ class CredentialExpired(FatalError):
     pass
 
 
+class A1111AuthRefused(FatalError):
+    """A1111 (started with --api-auth) refused the sidecar's credentials: no job is at fault, and none
+    can run until SIDECAR_A1111_API_AUTH matches."""
+
+
 class ConfigError(SidecarError):
     """A setting is missing or wrong; the message names the variable."""

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
@@ -136,3 +138,12 @@ def print_grant(grant: Grant, as_json: bool) -> None:
         print(json.dumps(grant.as_json(), indent=2))
     else:
         print("\n".join(grant.lines()))
+
+
+def write_grant(grant: Grant, path: Path) -> None:
+    """The NAME=value lines in ``path``, readable by its owner only, replaced in one step."""
+    partial = path.with_name(f".{path.name}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write("\n".join(grant.lines()) + "\n")
+    os.replace(partial, path)

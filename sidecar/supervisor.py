@@ -3,6 +3,10 @@
 The child's output goes to the sidecar's own stdout/stderr (the container log). Its exit is noticed at
 once: the ``on_exit`` callback lets the worker drain, give back held messages and exit non-zero so the
 orchestrator restarts the container. After the worker drains on SIGTERM, the child is stopped too.
+
+The child gets the sidecar's environment without the storage credentials: A1111 runs extensions and
+model code, and needs none of them. It keeps ``SIDECAR_A1111_API_AUTH``, from which the image's
+``start-webui.sh`` sets A1111's ``--api-auth``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,23 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
+
+
+# What A1111 may see of the sidecar's settings: its own credential, nothing about storage.
+KEPT_FOR_A1111 = {"SIDECAR_A1111_API_AUTH"}
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the sidecar's settings and Azure credentials (connection strings, SAS,
+    service principal secrets), except what A1111 itself needs."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in KEPT_FOR_A1111 or not name.upper().startswith(("SIDECAR_", "AZURE_"))
+    }
 
 
 class Supervisor:
@@ -29,7 +47,9 @@ class Supervisor:
 
     async def start(self) -> None:
         # A session of its own: stopping A1111 also stops the launcher's children (python, git, ...).
-        self.process = await asyncio.create_subprocess_exec(*self.argv, start_new_session=True)
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, start_new_session=True, env=child_environment(os.environ)
+        )
         log.info("started A1111", extra={"stage": "a1111_start", "pid": self.process.pid})
         self._watch = asyncio.create_task(self._wait(), name="a1111-watch")
 

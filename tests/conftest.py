@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from sidecar.config import Settings, load_settings
 from sidecar.dev.devenv import Azurite, Child, Standin, azurite_binary, free_port, new_azurite, standin_argv
@@ -116,6 +117,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = settings.connection_string
         elif name == "blob_connection_string":
             value = settings.blob_connection
+        elif isinstance(value, SecretStr):
+            value = value.get_secret_value()
         elif isinstance(value, list):
             value = ",".join(value)
         env[f"SIDECAR_{name.upper()}"] = str(value)

@@ -32,6 +32,7 @@ import yaml  # type: ignore[import-untyped]
 from packaging.requirements import Requirement
 
 from sidecar.config import Settings
+from sidecar.grant import make_grant
 from sidecar.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -430,16 +431,51 @@ def image_env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def effective_env(service: dict[str, Any]) -> dict[str, str]:
-    return {**image_env(service), **service_env(service)}
+    """What the program sees: the image's and the service's variables, then (as ``run --env-file``
+    reads them, the environment winning) the node credential the compose file's ``grant`` writes."""
+    own = {**image_env(service), **service_env(service)}
+    return {**granted_env(service), **own}
+
+
+def granted_env(service: dict[str, Any]) -> dict[str, str]:
+    """The lines ``grant --output PATH`` would write for the file this service's ``--env-file`` names,
+    made with the granting service's own settings (the Azurite key signs offline)."""
+    command = command_of(service)
+    if "--env-file" not in command:
+        return {}
+    path = command[command.index("--env-file") + 1]
+    writers = [
+        other
+        for other in services().values()
+        if "--output" in (args := command_of(other)) and args[args.index("--output") + 1] == path
+    ]
+    assert len(writers) == 1, f"no single service writes {path}"
+    writer = writers[0]
+    volume = {v.split(":")[0] for v in writer.get("volumes") or []} & {
+        v.split(":")[0] for v in service.get("volumes") or []
+    }
+    assert volume, f"the worker does not mount the volume {path} is written to"
+    days = float(command_of(writer)[command_of(writer).index("--days") + 1])
+    env = {**image_env(writer), **service_env(writer)}
+    admin = Settings(
+        **{k.removeprefix("SIDECAR_").lower(): v for k, v in env.items() if k.startswith("SIDECAR_")}
+    )
+    return dict(line.split("=", 1) for line in make_grant(admin, days).lines())
 
 
 def command_of(service: dict[str, Any]) -> list[str]:
+    """The process Compose starts: the image's ENTRYPOINT (unless replaced) and the command."""
     command = service.get("command")
-    if command is None and service.get("build"):
+    entry: list[str] = []
+    if service.get("build"):
         stage = parse_dockerfile().stages[service["build"]["target"]]
         entry = json.loads(stage.all("ENTRYPOINT")[-1]) if stage.all("ENTRYPOINT") else []
-        command = entry + json.loads(stage.all("CMD")[-1])
-    return shlex.split(command) if isinstance(command, str) else list(command or [])
+        if command is None:
+            command = json.loads(stage.all("CMD")[-1])
+    if "entrypoint" in service:
+        entry = list(service["entrypoint"] or [])
+    args = shlex.split(command) if isinstance(command, str) else list(command or [])
+    return entry + args
 
 
 def runs_worker(service: dict[str, Any]) -> bool:
@@ -483,6 +519,7 @@ def test_compose_has_no_version_key_and_the_expected_profiles() -> None:
     assert profiles == {
         "azurite": (),
         "seed": (),
+        "grant": (),
         "a1111-standin": ("cpu",),
         "sidecar": ("cpu",),
         "a1111": ("gpu",),
@@ -492,7 +529,7 @@ def test_compose_has_no_version_key_and_the_expected_profiles() -> None:
 def test_compose_builds_existing_dockerfile_targets() -> None:
     docker = parse_dockerfile()
     built = {name: service for name, service in services().items() if "build" in service}
-    assert built.keys() == {"seed", "a1111-standin", "sidecar", "a1111"}
+    assert built.keys() == {"seed", "grant", "a1111-standin", "sidecar", "a1111"}
     for name, service in built.items():
         build = service["build"]
         assert (COMPOSE.parent / build.get("context", ".")).resolve() == ROOT, name
@@ -503,7 +540,7 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
         for arg in build.get("args") or {}:
             assert arg in declared, f"{name}: build arg {arg} is not an ARG of the Dockerfile"
     assert built["a1111"]["build"]["target"] == "gpu"
-    assert {built[n]["build"]["target"] for n in ("seed", "a1111-standin", "sidecar")} == {"sidecar"}
+    assert {built[n]["build"]["target"] for n in ("seed", "grant", "a1111-standin", "sidecar")} == {"sidecar"}
 
 
 def module_file(module: str) -> Path | None:
@@ -587,6 +624,10 @@ def test_compose_worker_variables_are_real_settings_with_valid_values(
         assert_worker_variables(name, service_env(service))
         settings = clean_env(effective_env(service))
         assert settings.connection_string, f"{name}: no storage connection string"
+        if runs_worker(service):  # a node: the credential grant made, never the account key
+            assert not any("AccountKey" in value for value in service_env(service).values()), name
+            assert "AccountKey" not in settings.connection_string, name
+            assert "SharedAccessSignature=" in (settings.blob_connection or ""), name
 
 
 def test_compose_ports_and_addresses_line_up(clean_env: Callable[[dict[str, str]], Settings]) -> None:
@@ -610,8 +651,9 @@ def test_compose_ports_and_addresses_line_up(clean_env: Callable[[dict[str, str]
         if name in {"azurite", "a1111-standin"}:
             continue
         settings = clean_env(effective_env(service))
-        connection = settings.connection_string or ""
-        fields = dict(part.split("=", 1) for part in connection.strip(";").split(";") if part)
+        fields: dict[str, str] = {}
+        for connection in (settings.connection_string or "", settings.blob_connection or ""):
+            fields |= dict(part.split("=", 1) for part in connection.strip(";").split(";") if part)
         for endpoint, port in (("BlobEndpoint", 10000), ("QueueEndpoint", 10001)):
             url = urlsplit(fields[endpoint])
             assert (url.hostname, url.port) == ("azurite", port), f"{name}: {endpoint} {fields[endpoint]}"
@@ -714,6 +756,11 @@ def k8s_env(container: dict[str, Any]) -> dict[str, str]:
         for key, value in (doc.get("stringData") or {}).items()
     }
     env = {}
+    for source in container.get("envFrom", []):
+        name = source["secretRef"]["name"]
+        keys = {key: value for (secret, key), value in secrets.items() if secret == name}
+        assert keys, f"no Secret {name} in secret.example.yaml"
+        env.update(keys)
     for item in container["env"]:
         if "value" in item:
             env[item["name"]] = str(item["value"])
@@ -753,6 +800,35 @@ def test_k8s_deployment_variables_probes_and_grace(clean_env: Callable[[dict[str
     assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_k8s_pods_hold_the_node_credential_from_grant_never_the_key() -> None:
+    """The worker pod's storage settings come from the node Secret (the shape `grant` prints: a SAS per
+    connection string, queue and blob apart); the account key is only in the scaler's Secret, which
+    no pod mounts and only KEDA's TriggerAuthentication names."""
+    documents = k8s_documents()
+    pod = documents[("Deployment", "a1111-sidecar")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = k8s_env(container)
+    for name in ("SIDECAR_STORAGE_CONNECTION_STRING", "SIDECAR_BLOB_CONNECTION_STRING"):
+        assert "SharedAccessSignature=" in env[name] and "AccountKey" not in env[name], name
+    assert env["SIDECAR_STORAGE_CONNECTION_STRING"].startswith("QueueEndpoint=")
+    assert env["SIDECAR_BLOB_CONNECTION_STRING"].startswith("BlobEndpoint=")
+    mounted = {source["secretRef"]["name"] for source in container.get("envFrom", [])}
+    mounted |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    mounted |= {
+        item["valueFrom"]["secretKeyRef"]["name"]
+        for item in container["env"]
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+    keyed = {
+        name
+        for (kind, name), doc in documents.items()
+        if kind == "Secret" and any("AccountKey" in str(v) for v in (doc.get("stringData") or {}).values())
+    }
+    assert keyed and not keyed & mounted, f"a pod mounts a Secret with the account key: {keyed & mounted}"
+    auth = documents[("TriggerAuthentication", "a1111-sidecar-scaler")]
+    assert {ref["name"] for ref in auth["spec"]["secretTargetRef"]} == keyed
+
+
 def test_keda_scales_the_deployment_on_its_own_queue(clean_env: Callable[[dict[str, str]], Settings]) -> None:
     documents = k8s_documents()
     scaled = documents[("ScaledObject", "a1111-sidecar")]
@@ -765,7 +841,8 @@ def test_keda_scales_the_deployment_on_its_own_queue(clean_env: Callable[[dict[s
     assert {t["type"] for t in triggers} == {"azure-queue"}
     assert sorted(t["metadata"]["queueName"] for t in triggers) == sorted(settings.queue_name)
     for trigger in triggers:
-        assert trigger["metadata"]["connectionFromEnv"] in env
+        assert "connectionFromEnv" not in trigger["metadata"], "KEDA must not use the pods' credential"
+        assert ("TriggerAuthentication", trigger["authenticationRef"]["name"]) in documents
         assert int(trigger["metadata"]["queueLength"]) >= 1
 
 
@@ -776,8 +853,11 @@ def test_salad_container_group_variables_and_probes(clean_env: Callable[[dict[st
     group = json.loads(SALAD.read_text(encoding="utf-8"))
     env = dict(group["container"]["environment_variables"])
     assert_worker_variables("salad", env)
-    assert env["SIDECAR_STORAGE_CONNECTION_STRING"].startswith("<"), "a real secret must not be committed"
+    for name in ("SIDECAR_STORAGE_CONNECTION_STRING", "SIDECAR_BLOB_CONNECTION_STRING"):
+        assert env[name].startswith("<"), "a real secret must not be committed"
+        assert "sidecar grant" in env[name], f"{name}: say how to make the node credential"
     env["SIDECAR_STORAGE_CONNECTION_STRING"] = PLACEHOLDER_CONNECTION_STRING
+    env["SIDECAR_BLOB_CONNECTION_STRING"] = PLACEHOLDER_CONNECTION_STRING
     settings = clean_env(env)
     for probe in ("startup_probe", "readiness_probe", "liveness_probe"):
         assert group[probe]["http"]["port"] == settings.http_port
