@@ -33,8 +33,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from sidecar.enqueue import EnqueueStopped, Interrupted, enqueue, generated, lines_of, print_bad
+    from sidecar.enqueue import EnqueueStopped, Interrupted, enqueue, generated, lines_of
     from sidecar.jobs import Limits
+    from sidecar.progress import print_bad
 
     settings = load_settings()
     if (args.file is None) == (args.generate is None):

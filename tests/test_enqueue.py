@@ -21,9 +21,10 @@ import pytest
 
 from sidecar.config import Settings, load_settings
 from sidecar.dev.devenv import connection_string
-from sidecar.enqueue import EnqueueStopped, JsonlFile, Progress, enqueue, generated, lines_of, print_bad
+from sidecar.enqueue import EnqueueStopped, JsonlFile, enqueue, generated, lines_of
 from sidecar.errors import InvalidJob
 from sidecar.jobs import parse_job
+from sidecar.progress import Progress, print_bad
 from sidecar.prompts import LORAS, NEGATIVE, NOUNS, SCENES, generate_jobs
 from sidecar.storage import Storage
 from tests.conftest import ROOT, run_cli, settings_env
