@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -276,5 +279,51 @@ async def test_a_credential_expiring_mid_run_stops_the_node_cleanly(
         stored = {n.split("/")[0] for n in await blob_names(store) if n.endswith("job.json")}
         assert done and done <= stored
         assert await store.approximate_count(queue) == 40 - len(done)
+    finally:
+        await store.close()
+
+
+def _sidecar(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_grant_output_and_run_env_file_carry_the_node_credential(
+    make_settings: Any, admin: Settings, standin: Any, tmp_path: Path
+) -> None:
+    """What the compose file does: ``grant --output`` writes the lines (owner-only), and a worker whose
+    environment holds no storage setting at all runs on ``run --env-file`` alone."""
+    store = Storage.connect(admin)
+    await store.ensure()
+    try:
+        path = tmp_path / "node.env"
+        out = run_cli(admin, "grant", "--days", "1", "--output", str(path))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"wrote {path} (expires ") and "SharedAccessSignature" not in out.stdout
+        assert path.stat().st_mode & 0o777 == 0o600
+        lines = dict(line.split("=", 1) for line in path.read_text().splitlines())
+        assert "AccountKey" not in path.read_text()
+        assert lines["SIDECAR_QUEUE_NAME"] == admin.queue_name[0]
+        await store.send(admin.queue_name[0], json.dumps({**JOB, "id": "from-env-file"}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "AZURE_"))}
+        env |= {"SIDECAR_A1111_URL": admin.a1111_url, "SIDECAR_HTTP_PORT": "0", "SIDECAR_LOG_FORMAT": "json"}
+        env |= {"SIDECAR_POLL_INTERVAL_MAX": "0.2", "SIDECAR_RETRY_BUDGET": "2"}
+        done = _sidecar(env, "run", "--exit-when-empty", "--env-file", str(path))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert '"job_id": "from-env-file"' in done.stderr
+        assert "from-env-file/job.json" in await blob_names(store)
+        nowhere = tmp_path / "nope.env"
+        missing = _sidecar(env, "run", "--env-file", str(nowhere))
+        assert missing.returncode == 2
+        assert (
+            missing.stderr.strip()
+            == f"a1111-sidecar: configuration error: --env-file {nowhere}: no such file"
+        )
     finally:
         await store.close()
