@@ -120,7 +120,9 @@ class A1111Client:
         self.http = http
         self.interrupts = 0
 
-    async def wait_ready(self, timeout: float, generation_timeout: float, poll: float = 1.0) -> None:
+    async def wait_ready(
+        self, timeout: float, generation_timeout: float, poll: float = 1.0, report_every: float = 15.0
+    ) -> None:
         """Wait until the API answers, then prove the model works with a warm-up generation.
 
         A1111 answers its GET endpoints while the model still loads, and a first generation may fail
@@ -129,7 +131,9 @@ class A1111Client:
         for it, and the warm-up would queue behind it. The warm-up itself has the deadline of any
         generation, not the whole start timeout.
         """
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
+        reported = began
         last = "no answer yet"
         while True:
             try:
@@ -151,8 +155,21 @@ class A1111Client:
                 raise A1111Unavailable(f"A1111 refused the warm-up generation: {error}") from None
             except A1111AuthRefused as error:  # trying again cannot help: one line, at once
                 raise A1111Unavailable(str(error)) from None
-            if time.monotonic() + poll > deadline:
+            now = time.monotonic()
+            if now + poll > deadline:
                 raise A1111Unavailable(f"A1111 at {self.http.base_url} not up after {timeout:.0f}s ({last})")
+            if now - reported >= report_every:  # a start takes minutes: say what it waits for
+                reported = now
+                log.info(
+                    "waiting for A1111 at %s: %s",
+                    self.http.base_url,
+                    last,
+                    extra={
+                        "stage": "a1111_wait",
+                        "waited_s": round(now - began, 1),
+                        "gives_up_in_s": round(deadline - now),
+                    },
+                )
             await asyncio.sleep(poll)
 
     async def busy(self) -> bool:

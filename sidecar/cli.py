@@ -14,7 +14,7 @@ import uvloop
 
 from sidecar import __version__, logs
 from sidecar.app import run_worker
-from sidecar.config import load_settings
+from sidecar.config import load_settings, unknown_variables
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.memory import keep_freed_memory
 from sidecar.storage import Storage
@@ -25,6 +25,8 @@ log = logging.getLogger("sidecar")
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(env_file=args.env_file)
     logs.configure(settings.log_format)
+    for warning in unknown_variables():
+        log.warning(warning, extra={"stage": "start"})
     keep_freed_memory()
     # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
     if args.wait_invisible < 0 or (args.wait_invisible and not args.exit_when_empty):
@@ -254,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:  # the worker logs them in its own format
+        for warning in unknown_variables():
+            print(f"a1111-sidecar: warning: {warning}", file=sys.stderr)
     try:
         code = args.func(args)
     except ConfigError as error:

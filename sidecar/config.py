@@ -6,12 +6,13 @@ variable; secret values (connection strings, keys) are never echoed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import socket
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -219,20 +220,38 @@ class Settings(BaseSettings):
 
 
 def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = [str(part) for part in first.get("loc", ())]
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    """Every problem at once, on one line: ``SIDECAR_A: ...; SIDECAR_B: ...``."""
+    return "; ".join(dict.fromkeys(_describe_one(problem) for problem in error.errors()))
+
+
+def _describe_one(problem: Any) -> str:
+    loc = [str(part) for part in problem.get("loc", ())]
+    message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
     if not loc:
         return message
     name = loc[0]
     variable = f"SIDECAR_{name.upper()}"
     if name in _SECRET_FIELDS:
         return f"{variable}: {message}"
-    value = first.get("input")
+    value = problem.get("input")
     shown = (
         f" (got {value!r})" if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
     )
     return f"{variable}: {message}{shown}"
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``SIDECAR_*`` variable that is no setting (a typo is otherwise silently
+    ignored), naming the closest known one."""
+    known = {f"SIDECAR_{name.upper()}" for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        if not name.startswith("SIDECAR_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f": did you mean {close[0]}?" if close else " (see the README's Configuration table)"
+        warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(overrides: Mapping[str, object] | None = None, env_file: str | None = None) -> Settings:

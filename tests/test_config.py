@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -91,3 +92,57 @@ def test_bad_setting_stops_the_process_with_one_line_and_no_secret() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIDECAR_PREFETCH" in lines[0]
     assert "c2VjcmV0" not in done.stderr + done.stdout
+
+
+def test_every_bad_value_is_reported_at_once_on_one_line() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"storage_connection_string": SECRET, "prefetch": "99", "max_steps": "lots"})
+    line = str(refused.value)
+    assert "\n" not in line
+    assert "SIDECAR_PREFETCH: Input should be less than or equal to 32 (got '99')" in line
+    assert "SIDECAR_MAX_STEPS: Input should be a valid integer" in line
+
+
+def test_a_misspelled_variable_gets_a_warning_naming_the_setting_it_resembles() -> None:
+    from sidecar.config import unknown_variables
+
+    environ = {
+        "SIDECAR_PREFTCH": "0",
+        "SIDECAR_QUEUE_NAME": "jobs",
+        "SIDECAR_ZZZ_UNRELATED": "1",
+        "HOME": "/",
+    }
+    assert unknown_variables(environ) == [
+        "SIDECAR_PREFTCH is not a setting and is ignored: did you mean SIDECAR_PREFETCH?",
+        "SIDECAR_ZZZ_UNRELATED is not a setting and is ignored (see the README's Configuration table)",
+    ]
+
+
+def test_the_commands_say_so_before_anything_else() -> None:
+    """``status`` prints the warning (a typo is otherwise silent) and still fails on the real error;
+    ``run`` logs it in its own format before it reads storage."""
+    env = {"SIDECAR_STORAGE_CONNECTION_STRING": SECRET, "SIDECAR_PREFTCH": "0", "PATH": "/usr/bin:/bin"}
+    env |= {"SIDECAR_PREFETCH": "-3"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    lines = done.stderr.strip().splitlines()
+    warning = "SIDECAR_PREFTCH is not a setting and is ignored: did you mean SIDECAR_PREFETCH?"
+    assert lines[0] == f"a1111-sidecar: warning: {warning}"
+    assert done.returncode == 2 and "SIDECAR_PREFETCH: Input should be greater than or equal to 0" in lines[1]
+    dead = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+    dead += (
+        "BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;QueueEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+    )
+    env |= {"SIDECAR_PREFETCH": "1", "SIDECAR_STORAGE_CONNECTION_STRING": dead, "SIDECAR_LOG_FORMAT": "json"}
+    env |= {
+        "SIDECAR_RETRY_BUDGET": "0.5",
+        "SIDECAR_HTTP_PORT": "0",
+        "SIDECAR_A1111_URL": "http://127.0.0.1:9",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run"], env=env, capture_output=True, text=True, timeout=120
+    )
+    first = json.loads(run.stderr.splitlines()[0])
+    assert (first["level"], first["msg"]) == ("warning", warning), run.stderr
+    assert run.returncode != 0
