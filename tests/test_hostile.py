@@ -54,7 +54,19 @@ def good_jobs(draw: st.DrawFn) -> dict[str, Any]:
     return job
 
 
-def _mutations(job: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+NOT_ALLOWED = "is not an allowed field"
+NOT_AN_INTEGER = "Input should be a valid integer"
+NOT_A_STRING = "Input should be a valid string"
+NOT_A_NAME = "must be a name, not a path (no '/', '\\', '..' or control characters)"
+BAD_ID = "must match [A-Za-z0-9._-]{1,128} and not be only dots"
+NOT_JSON = "is not a JSON object, raw or base64-encoded"
+
+# A bad message, and the field and reason InvalidJob must name for it.
+Hostile = tuple[str, str, str]
+
+
+def _mutations(job: dict[str, Any]) -> st.SearchStrategy[tuple[dict[str, Any], str, str]]:
+    """A good job made bad in one way, with the field and the reason it is refused for."""
     wrong_type = (
         st.text(max_size=5)
         | st.lists(st.integers(), max_size=2)
@@ -63,53 +75,82 @@ def _mutations(job: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     )
     path = st.sampled_from(["../../etc/passwd", "/etc/shadow", "C:\\Windows\\x", "models/../../x", "a/b"])
     return st.one_of(
-        st.sampled_from(FORBIDDEN).map(lambda key: {**job, key: "x"}),
+        st.sampled_from(FORBIDDEN).map(lambda key: ({**job, key: "x"}, key, NOT_ALLOWED)),
         st.text(st.characters(categories=["Ll"]), min_size=3, max_size=12)
         .filter(lambda key: key not in JobSpec.model_fields)
-        .map(lambda key: {**job, key: 1}),
-        wrong_type.map(lambda value: {**job, "steps": value}),
-        wrong_type.filter(lambda v: not isinstance(v, str)).map(lambda value: {**job, "prompt": value}),
+        .map(lambda key: ({**job, key: 1}, key, NOT_ALLOWED)),
+        wrong_type.map(lambda value: ({**job, "steps": value}, "steps", NOT_AN_INTEGER)),
+        wrong_type.filter(lambda v: not isinstance(v, str)).map(
+            lambda value: ({**job, "prompt": value}, "prompt", NOT_A_STRING)
+        ),
         st.integers(min_value=10**6, max_value=10**30).flatmap(
             lambda big: st.sampled_from(
                 [
-                    {**job, "steps": big},
-                    {**job, "width": big},
-                    {**job, "seed": big * 10**4},
-                    {**job, "n_iter": big},
+                    ({**job, "steps": big}, "steps", f"{big} is above the limit of 150"),
+                    ({**job, "width": big}, "width", f"{big} is above the limit of 2048"),
+                    (
+                        {**job, "seed": big * 10**4},
+                        "seed",
+                        "Input should be less than or equal to 4294967295",
+                    ),
+                    (
+                        {**job, "n_iter": big},
+                        "batch_size",
+                        f"batch_size*n_iter is {big * job['batch_size']}; the limit is 8",
+                    ),
                 ]
             )
         ),
-        st.builds(lambda a, b: {**job, "id": f"{a}/{b}"}, JOB_IDS, JOB_IDS),
-        st.sampled_from(["..", "../x", "a/../b", "x\\y", ""]).map(lambda bad: {**job, "id": bad}),
-        path.map(lambda p: {**job, "override_settings": {"sd_model_checkpoint": p}}),
-        path.map(lambda p: {**job, "override_settings": {"outdir_txt2img_samples": p}}),
-        st.just({**job, "prompt": "x" * 40_000}),
-        st.just({**job, "prompt": "a\u0000b"}),
-        st.just({k: v for k, v in job.items() if k != "prompt"}),
-        st.just({**job, "prompt": {"nested": {"deeper": [job]}}}),
+        st.builds(lambda a, b: ({**job, "id": f"{a}/{b}"}, "id", BAD_ID), JOB_IDS, JOB_IDS),
+        st.sampled_from(["..", "../x", "a/../b", "x\\y", ""]).map(
+            lambda bad: ({**job, "id": bad}, "id", BAD_ID)
+        ),
+        path.map(
+            lambda p: (
+                {**job, "override_settings": {"sd_model_checkpoint": p}},
+                "override_settings.sd_model_checkpoint",
+                NOT_A_NAME,
+            )
+        ),
+        path.map(
+            lambda p: (
+                {**job, "override_settings": {"outdir_txt2img_samples": p}},
+                "override_settings.outdir_txt2img_samples",
+                NOT_ALLOWED,
+            )
+        ),
+        st.just(({**job, "prompt": "x" * 40_000}, "prompt", "String should have at most 32768 characters")),
+        st.just(({**job, "prompt": "a\u0000b"}, "prompt", "contains control characters")),
+        st.just(({k: v for k, v in job.items() if k != "prompt"}, "prompt", "is required")),
+        st.just(({**job, "prompt": {"nested": {"deeper": [job]}}}, "prompt", NOT_A_STRING)),
     )
 
 
 @st.composite
-def hostile_messages(draw: st.DrawFn) -> str:
+def hostile_messages(draw: st.DrawFn) -> Hostile:
     kind = draw(st.sampled_from(["mutated", "mutated-b64", "text", "b64-garbage", "not-object"]))
     if kind.startswith("mutated"):
-        text = json.dumps(draw(_mutations(draw(good_jobs()))))
-        return base64.b64encode(text.encode()).decode() if kind == "mutated-b64" else text
+        job, field, reason = draw(_mutations(draw(good_jobs())))
+        text = json.dumps(job)
+        return (base64.b64encode(text.encode()).decode() if kind == "mutated-b64" else text), field, reason
     if kind == "text":
-        return "#" + draw(st.text(QUEUE_TEXT, max_size=200))  # '#' is neither JSON nor base64
+        return "#" + draw(st.text(QUEUE_TEXT, max_size=200)), "message", NOT_JSON  # '#': not JSON, not base64
     if kind == "b64-garbage":
-        return base64.b64encode(b"\x00" + draw(st.binary(max_size=200))).decode()
-    return json.dumps(draw(st.lists(st.integers(), max_size=3) | st.text(max_size=20) | st.integers()))
+        text = base64.b64encode(b"\x00" + draw(st.binary(max_size=200))).decode()
+        return text, "message", "base64 text does not decode to a JSON object"
+    # '[', '"' and '-' are not base64 characters (a positive number can be valid base64)
+    value = draw(st.lists(st.integers(), max_size=3) | st.text(max_size=20) | st.integers(max_value=-1))
+    return json.dumps(value), "message", NOT_JSON
 
 
 @settings(max_examples=400, deadline=None)
 @given(hostile_messages())
-def test_hostile_messages_are_refused_with_a_reason(text: str) -> None:
+def test_hostile_messages_are_refused_with_a_reason(hostile: Hostile) -> None:
+    text, field, reason = hostile
     try:
         parse_job(text, "m-1", Limits())
     except InvalidJob as error:
-        assert error.reason and str(error)
+        assert (error.field, error.reason) == (field, reason)
     else:
         raise AssertionError(f"accepted: {text[:200]!r}")
 
@@ -137,17 +178,18 @@ def test_good_jobs_pass_and_keep_their_text(job: dict[str, Any], encoded: bool) 
 @given(
     st.lists(
         st.one_of(
-            hostile_messages().map(lambda t: ("bad", t)), good_jobs().map(lambda j: ("good", json.dumps(j)))
+            hostile_messages().map(lambda h: ("bad", h[0], f"{h[1]}: {h[2]}")),
+            good_jobs().map(lambda j: ("good", json.dumps(j), "")),
         ),
         min_size=3,
         max_size=8,
-    ).filter(lambda items: any(kind == "good" for kind, _ in items))
+    ).filter(lambda items: any(kind == "good" for kind, _, _ in items))
 )
 def test_worker_poisons_every_bad_message_and_runs_every_good_one(
-    make_settings: Any, standin_server: Any, items: list[tuple[str, str]]
+    make_settings: Any, standin_server: Any, items: list[tuple[str, str, str]]
 ) -> None:
     """Steps: a generated mix of hostile and good messages in one queue; one worker run drains it.
-    Each hostile message is on the poison queue with its exact text and a reason; each good job has
+    Each hostile message is on the poison queue with its exact text and its own reason; each good job has
     its images and job.json; the queue is empty."""
     settings = make_settings(
         queue_name=f"hostile-{uuid.uuid4().hex[:12]}", container_name=f"hostile-{uuid.uuid4().hex[:12]}"
@@ -155,20 +197,20 @@ def test_worker_poisons_every_bad_message_and_runs_every_good_one(
     asyncio.run(_scenario(settings, standin_server.url, items))
 
 
-async def _scenario(settings: Any, standin_url: str, items: list[tuple[str, str]]) -> None:
+async def _scenario(settings: Any, standin_url: str, items: list[tuple[str, str, str]]) -> None:
     await standin_call(standin_url, "POST", "/standin/reset")
     queue = settings.queue_name[0]
     storage = Storage.connect(settings)
     try:
         await storage.ensure()
-        for _, text in items:
+        for _, text, _ in items:
             await storage.send(queue, text)
         assert await run_worker(settings, exit_when_empty=True) == 0
         poisoned = await poison_entries(storage, queue)
-        bad = sorted(text for kind, text in items if kind == "bad")
-        assert sorted(entry["original"] for entry in poisoned) == bad
-        assert all(entry["error"]["type"] == "InvalidJob" and entry["error"]["detail"] for entry in poisoned)
-        good = [json.loads(text) for kind, text in items if kind == "good"]
+        bad = sorted((text, "InvalidJob", detail) for kind, text, detail in items if kind == "bad")
+        found = [(entry["original"], entry["error"]["type"], entry["error"]["detail"]) for entry in poisoned]
+        assert sorted(found) == bad
+        good = [json.loads(text) for kind, text, _ in items if kind == "good"]
         names = await blob_names(storage)
         for job in good:
             assert f"{job['id']}/job.json" in names
