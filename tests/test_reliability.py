@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -83,15 +84,14 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     try:
         await storage.ensure()
         ids = await enqueue(storage, queue, 40)
-        kills = 0
+        ends = []  # how each of the three workers ended: killed by the signal, not exited by itself
         for _ in range(3):
             worker = WorkerProcess(settings, log_dir=tmp_path)
             try:
                 await worker.wait_for(lambda w=worker: len(w.done_jobs()) >= 4, what="4 jobs done")
             finally:
                 worker.signal(signal.SIGKILL)
-                await worker.wait_exit()
-                kills += 1
+                ends.append(await worker.wait_exit())
         last = WorkerProcess(settings, log_dir=tmp_path)
         try:
             await wait_until(lambda: _queue_drained(storage, queue), timeout=60, what="queue drained")
@@ -99,7 +99,7 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
             assert await last.wait_exit() == 0
         finally:
             last.stop()
-        assert kills == 3
+        assert ends == [-signal.SIGKILL] * 3
         assert await blob_names(storage) == expected_blobs(ids)
         assert await poison_entries(storage, queue) == []
         for job_id in ids:
@@ -206,8 +206,9 @@ async def test_grace_deadline_gives_the_cut_off_job_back(
 
 
 async def test_storage_outage_is_ridden_out(make_settings: Any, standin: Any, tmp_path: Path) -> None:
-    """Steps: 20 jobs on an Azurite of the test's own; after 3 jobs Azurite stops for 4 s, then starts
-    again on the same ports with its data. The worker backs off, resumes, and loses nothing."""
+    """Steps: 20 jobs on an Azurite of the test's own; after 3 jobs Azurite stops until the worker has
+    met the outage (a storage call retried, logged), then starts again on the same ports with its data.
+    The worker backs off, resumes, and loses nothing."""
     server, workdir = make_azurite(persistent=True)
     try:
         await server.start()
@@ -227,7 +228,9 @@ async def test_storage_outage_is_ridden_out(make_settings: Any, standin: Any, tm
             try:
                 await worker.wait_for(lambda: len(worker.done_jobs()) >= 3, what="3 jobs")
                 server.stop()
-                await asyncio.sleep(4)  # the outage itself
+                await worker.wait_for(
+                    lambda: bool(_storage_retries(worker)), timeout=60, what="the outage met"
+                )
                 await server.start()
                 await wait_until(lambda: _queue_drained(storage, queue), timeout=90, what="queue drained")
                 worker.signal(signal.SIGTERM)
@@ -236,12 +239,27 @@ async def test_storage_outage_is_ridden_out(make_settings: Any, standin: Any, tm
                 worker.stop()
             assert await blob_names(storage) == expected_blobs(ids)
             assert await poison_entries(storage, queue) == []
-            assert any(entry.get("level") == "warning" for entry in worker.lines()), "the outage was noticed"
+            assert _storage_retries(worker), "the outage was met with retries of refused connections"
         finally:
             await storage.close()
     finally:
         server.stop()
         workdir.cleanup()
+
+
+REFUSED_RETRY = re.compile(r"storage unreachable: 127\.0\.0\.1:\d+ connection refused; retry \d+ in ")
+
+
+def _storage_retries(worker: WorkerProcess) -> list[dict[str, Any]]:
+    """The worker's warnings that a storage call met a refused connection and is retried."""
+    return [
+        entry
+        for entry in worker.lines()
+        if entry.get("level") == "warning"
+        and entry.get("stage") == "retry"
+        and entry.get("error") == "StorageUnavailable"
+        and REFUSED_RETRY.match(entry.get("msg", ""))
+    ]
 
 
 async def test_out_of_memory_is_retried_then_poisoned(
