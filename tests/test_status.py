@@ -97,8 +97,8 @@ def test_storage_out_of_reach_is_one_line_and_exit_1(make_settings: Any) -> None
 
 
 async def test_watch_refreshes_with_rates(settings: Settings, storage: Storage) -> None:
-    """Steps: ``status --watch --json`` as a process; a job arrives between refreshes; the refreshes
-    after the first carry rates; Ctrl-C ends it."""
+    """Steps: ``status --watch --json`` as a process; once its first snapshot is out, a job arrives;
+    the refreshes after the first carry rates, one shows the job and one more follows; Ctrl-C ends it."""
     watch = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "sidecar", "status", "--watch", "--json", "--interval", "0.3"),
@@ -107,15 +107,28 @@ async def test_watch_refreshes_with_rates(settings: Settings, storage: Storage) 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    stdout = watch.stdout
+    assert stdout is not None
+    lines: list[str] = []
+
+    async def next_snapshot() -> dict[str, Any]:
+        line = await asyncio.wait_for(stdout.readline(), timeout=60)
+        assert line, "status --watch ended early"
+        lines.append(line.decode())
+        return dict(json.loads(line))
+
     try:
-        await asyncio.sleep(2.0)
+        await next_snapshot()
         await storage.send(settings.queue_name[0], json.dumps(SEED_JOB))
-        await asyncio.sleep(1.0)
+        shown_by = time.monotonic() + 60
+        while (await next_snapshot())["depth"] != 1:
+            assert time.monotonic() < shown_by, "no snapshot showed the job"
+        await next_snapshot()
     finally:
         watch.send_signal(signal.SIGINT)
         out_bytes, err = await asyncio.wait_for(watch.communicate(), timeout=30)
     assert watch.returncode == 130, err
-    out = out_bytes.decode()
+    out = "".join(lines) + out_bytes.decode()
     snaps = [json.loads(line) for line in out.splitlines()]
     assert len(snaps) >= 3, out
     assert snaps[0]["rates"] is None and all(snap["rates"] is not None for snap in snaps[1:])
