@@ -263,7 +263,7 @@ def load_settings(overrides: Mapping[str, object] | None = None, env_file: str |
         raise ConfigError(f"--env-file {env_file}: no such file")
     try:
         if env_file is not None:
-            return Settings(_env_file=env_file, **dict(overrides or {}))  # type: ignore[arg-type]
+            return Settings(_env_file=env_file, **dict(overrides or {}))  # type: ignore[arg-type,call-arg]
         return Settings(**dict(overrides or {}))  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
