@@ -226,6 +226,15 @@ async def wait_sampling(
         await asyncio.sleep(0.02)
 
 
+async def wait_received(http: httpx.AsyncClient, requests: int) -> None:
+    """Poll the stand-in's stats until it has had ``requests`` txt2img requests (since the reset): it
+    counts each as it arrives, before the queue lock."""
+    deadline = time.monotonic() + 20
+    while (stats := (await http.get("/standin/stats")).json())["requests"] < requests:
+        assert time.monotonic() < deadline, stats["requests"]
+        await asyncio.sleep(0.02)
+
+
 async def test_interrupt_mid_sampling_returns_the_partial_image_with_the_full_step_count(
     http: httpx.AsyncClient,
 ) -> None:
@@ -273,7 +282,7 @@ async def test_concurrent_requests_queue_and_an_interrupt_hits_only_the_running_
     first = asyncio.create_task(http.post(a["path"], json=a["request"]))
     await wait_sampling(http, 4)
     second = asyncio.create_task(http.post(b["path"], json=b["request"]))
-    await asyncio.sleep(0.05)
+    await wait_received(http, 2)  # B is at the queue lock
     while_a = (await http.get("/sdapi/v1/progress")).json()
     assert_same_shape(while_a, recorded_body(recording("progress-while-A-runs-B-waits")))
     assert while_a["state"]["job_count"] == 1  # nothing about the request waiting
@@ -294,7 +303,7 @@ async def test_an_interrupt_reaches_the_queued_request_once_it_runs(http: httpx.
     first = asyncio.create_task(http.post(a["path"], json=a["request"]))
     await wait_sampling(http, 4)
     second = asyncio.create_task(http.post(b["path"], json=b["request"]))
-    await asyncio.sleep(0.05)
+    await wait_received(http, 2)  # B is at the queue lock
     info_a = check_txt2img(await first, a)  # A runs to the end: nobody interrupted it
     await wait_sampling(http, 4, not_job=info_a["job_timestamp"])
     await http.post("/sdapi/v1/interrupt")
