@@ -12,7 +12,7 @@ setup: $(VENV)/.installed node_modules/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e '.[tools,dev]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -28,9 +28,10 @@ test: setup
 lint: setup
 	$(PY) -m ruff check sidecar a1111 tests
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m sidecar bench
 
 clean:
-	rm -rf $(VENV) node_modules out bench-report .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules out bench-report .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache
