@@ -24,7 +24,7 @@ log = logging.getLogger("sidecar")
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(env_file=args.env_file)
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, worker_id=settings.worker_id)
     for warning in unknown_variables():
         log.warning(warning, extra={"stage": "start"})
     keep_freed_memory()
