@@ -137,6 +137,9 @@ RUN STABLE_DIFFUSION_REPO="${STABLE_DIFFUSION_REPO}" CLIP_PACKAGE="${CLIP_PACKAG
  && "${A1111_PYTHON}" -c "from transformers import CLIPTextConfig, CLIPTokenizer; \
 CLIPTokenizer.from_pretrained('openai/clip-vit-large-patch14'); \
 CLIPTextConfig.from_pretrained('openai/clip-vit-large-patch14')"
+# From here on (and at run time) Hugging Face libraries use only that cache and never go online.
+ENV HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
 
 # The worker last, so that changing it does not rebuild A1111.
 RUN --mount=type=bind,from=build,source=/src/runtime.lock,target=/tmp/runtime.lock \
