@@ -2,8 +2,8 @@
 
 With text logs the child's output goes straight to the sidecar's own stdout/stderr. With JSON logs
 (``logs.configure`` chose JSON) the sidecar reads the child's stdout and stderr through pipes and
-re-emits every line as a JSON line of the ``a1111`` logger (see ``ChildLines`` for how progress bars,
-escape codes, long lines and levels are handled). Both pipes are read all the time, by tasks of the
+re-emits every line as a JSON line of the ``a1111`` logger (``ChildLines``: progress bars, escape
+codes, long lines; ``ChildLevels``: each line's level). Both pipes are read all the time, by tasks of the
 event loop, so a chatty child never blocks on a full pipe; its last lines are read before its exit is
 reported.
 
