@@ -1,8 +1,8 @@
 """Development tools: the benchmark, the demo, the local emulators and the latency proxy.
 
 Nothing in the product imports this package; the CLI imports it lazily for ``bench`` and ``demo``.
-What these tools need beyond the worker (the A1111 stand-in's web server and PNG encoder, the chart,
-process statistics) comes with the ``tools`` extra: ``pip install 'a1111-sidecar[tools]'``.
+What these tools need beyond the worker (the A1111 stand-in's web server, the chart, process
+statistics) comes with the ``tools`` extra: ``pip install 'a1111-sidecar[tools]'``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib.util
 
 EXTRA = "tools"
-# The modules each command needs that only the extra installs: the stand-in (fastapi, uvicorn, PIL)
-# runs as a child process, so a missing one would otherwise show only as the child's traceback.
-_STANDIN = ("fastapi", "uvicorn", "PIL")
+# The modules each command needs that only the extra installs: the stand-in (fastapi, uvicorn with
+# httptools) runs as a child process, so a missing one would otherwise show only as its traceback.
+_STANDIN = ("fastapi", "uvicorn", "httptools")
 NEEDS = {"bench": (*_STANDIN, "matplotlib", "psutil"), "demo": _STANDIN}
 
 
