@@ -46,6 +46,7 @@ from typing import Any, Literal
 import httpx
 
 from sidecar.errors import A1111AuthRefused
+from sidecar.errors import CatalogError as CatalogError  # re-exported: defined in the error tree
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ class Problem:
     field: str
     elsewhere: bool
     reason: str
-
-
-class CatalogError(Exception):
-    """A1111's lists could not be read (unreachable, an error status, an unexpected shape)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """The worker's errors, as one small tree.
 
-Every failure the worker acts on is a ``SidecarError``; the branch decides what happens to the job::
+Every failure the worker acts on is a ``SidecarError``; the branch decides what happens to the job.
+What retrying cannot fix has two branches: ``PermanentError`` (this job can never succeed: poison it)
+and ``FatalError`` (no job can succeed on this node: stop it). No other module defines an error class
+of the worker's::
 
     SidecarError
     ├── TransientError        retried with backoff, then the message is released with a delay;
@@ -27,12 +30,16 @@ Every failure the worker acts on is a ``SidecarError``; the branch decides what 
     │                         delay, counted apart from failures; poisoned at SIDECAR_MAX_DEQUEUE_COUNT
     ├── LeaseLost             another consumer owns the message now (404 or pop-receipt mismatch):
     │                         the worker stops caring for that job and never deletes the message
+    ├── CatalogError          A1111's asset lists could not be read (unreachable, an error status, an
+    │                         unexpected shape): a job it meets is handed back (AssetMissing); at
+    │                         start A1111 counts as not usable
     ├── FatalError            retrying cannot fix it and no job can succeed on this node: the worker
     │   │                     stops at once (nothing more is deleted, held messages are released where
     │   │                     storage still allows it, /readyz turns 503) and exits 1
     │   ├── StorageRefused    credentials refused or expired, queue or container deleted, account gone,
     │   │                     403 from a firewall or RBAC, an API version the endpoint does not serve
-    │   └── CredentialExpired the SAS is about to expire: stop before it does (restart with a new one)
+    │   ├── CredentialExpired the SAS is about to expire: stop before it does (restart with a new one)
+    │   └── A1111AuthRefused  A1111 (with --api-auth) refused the sidecar's credentials
     └── ConfigError           a bad setting; the worker does not start
 """
 
@@ -118,6 +125,10 @@ class Unexpected(PermanentError):
 
 class LeaseLost(SidecarError):
     """The message's pop receipt is no longer ours."""
+
+
+class CatalogError(SidecarError):
+    """A1111's lists could not be read (unreachable, an error status, an unexpected shape)."""
 
 
 class FatalError(SidecarError):
