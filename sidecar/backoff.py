@@ -1,4 +1,7 @@
-"""One retry policy for transient errors: exponential backoff with jitter, bounded in time."""
+"""One retry policy for transient errors: exponential backoff with jitter, bounded in time.
+
+It takes a ``RetryPolicy`` (or anything carrying the three retry settings, which it reads as one).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from sidecar.config import Settings
+from sidecar.policy import RetryPolicy, RetrySettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+__all__ = ["RetryPolicy", "RetrySettings", "call_with_retries", "retrying"]
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -38,28 +43,30 @@ def _log_retry(state: RetryCallState) -> None:
 
 
 def retrying(
-    settings: Settings,
+    policy: RetryPolicy | RetrySettings,
     on: type[BaseException],
     attempts: int | None = None,
     *,
     budget: float | None = None,
     waited: int = 0,
 ) -> AsyncRetrying:
-    """Retry ``on`` errors within SIDECAR_RETRY_BUDGET seconds (and ``attempts`` tries, if given).
+    """Retry ``on`` errors within the policy's budget (SIDECAR_RETRY_BUDGET seconds) and ``attempts``
+    tries, if given.
 
     Waits double from SIDECAR_RETRY_BASE_DELAY up to SIDECAR_RETRY_MAX_DELAY, plus up to one base delay
     of jitter so that a fleet does not retry in step. A base delay of 0 makes retries instant (tests).
     ``budget`` and ``waited`` (backoff waits already taken) continue a retry that began elsewhere.
     """
-    stop: stop_base = stop_after_delay(settings.retry_budget if budget is None else budget)
+    retry = RetryPolicy.of(policy)
+    stop: stop_base = stop_after_delay(retry.budget if budget is None else budget)
     if attempts is not None:
         stop = stop | stop_after_attempt(attempts)
     return AsyncRetrying(
         retry=retry_if_exception_type(on),
         wait=wait_exponential_jitter(
-            multiplier=settings.retry_base_delay * 2**waited,
-            max=settings.retry_max_delay,
-            jitter=settings.retry_base_delay,
+            multiplier=retry.base_delay * 2**waited,
+            max=retry.max_delay,
+            jitter=retry.base_delay,
         ),
         stop=stop,
         before_sleep=_log_retry,
@@ -68,7 +75,7 @@ def retrying(
 
 
 async def call_with_retries(
-    settings: Settings,
+    policy: RetryPolicy | RetrySettings,
     on: type[BaseException],
     operation: Callable[[], Awaitable[T]],
     attempts: int | None = None,
@@ -83,12 +90,13 @@ async def call_with_retries(
     worker's CPU. Only a failed first try pays for it.
     """
     started = time.monotonic()
-    total = settings.retry_budget if budget is None else budget
+    retry = RetryPolicy.of(policy)
+    total = retry.budget if budget is None else budget
     try:
         return await operation()
     except on as error:
         # The same first wait as tenacity's: one base delay plus up to one base delay of jitter.
-        wait = min(settings.retry_base_delay * (1 + random.random()), settings.retry_max_delay)
+        wait = min(retry.base_delay * (1 + random.random()), retry.max_delay)
         if attempts == 1 or time.monotonic() - started + wait > total:
             raise
         log.warning(
@@ -97,7 +105,7 @@ async def call_with_retries(
     await asyncio.sleep(wait)
     remaining = max(total - (time.monotonic() - started), 0.0)
     tries_left = None if attempts is None else attempts - 1
-    async for attempt in retrying(settings, on, tries_left, budget=remaining, waited=1):
+    async for attempt in retrying(retry, on, tries_left, budget=remaining, waited=1):
         with attempt:
             return await operation()
     raise AssertionError("unreachable")

@@ -7,7 +7,8 @@ uses the receipt it brought back. A 404 or pop-receipt mismatch means another co
 message now: the lease is marked lost and the message is never deleted by this worker.
 
 A renewal is retried only while it can still land before the visibility runs out (each try is
-bounded by ``lease_request_timeout``; the settings check at start that two tries fit in the window).
+bounded by the ``LeasePolicy``'s ``request_timeout``; the settings check at start that two tries fit
+in the window).
 A renewal storage refuses for good ends the lease too (the job is given up, never deleted) and tells
 the worker, which stops.
 """
@@ -18,43 +19,76 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from sidecar.config import lease_request_timeout
 from sidecar.errors import LeaseLost, SidecarError, StorageRefused, StorageUnavailable
-from sidecar.storage import Message, Storage
+from sidecar.policy import LeasePolicy
+from sidecar.storage import Message
 
 log = logging.getLogger(__name__)
+
+
+class LeaseStorage(Protocol):
+    """The storage calls a lease makes (``sidecar.storage.Storage`` has them)."""
+
+    async def set_visibility(
+        self,
+        message: Message,
+        seconds: int,
+        *,
+        budget: float | None = None,
+        ours_until: float | None = None,
+        timeout: float | None = None,
+    ) -> None: ...
+
+    async def delete(self, message: Message, *, ours_until: float | None = None) -> None: ...
+
+    async def poison(
+        self,
+        message: Message,
+        job_id: str | None,
+        error: SidecarError | str,
+        *,
+        ours_until: float | None = None,
+    ) -> None: ...
 
 
 class Lease:
     def __init__(
         self,
-        storage: Storage,
+        storage: LeaseStorage,
         message: Message,
-        visibility: int,
+        visibility: int | LeasePolicy,
         on_refused: Callable[[StorageRefused], None] = lambda error: None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.storage = storage
         self.message = message
-        self.visibility = visibility
+        self.policy = visibility if isinstance(visibility, LeasePolicy) else LeasePolicy(visibility)
+        self.visibility = self.policy.visibility
         self.lost = False
         self.ended = False
         self._on_refused = on_refused
+        self._clock = clock
+        self._sleep = sleep
         self._lock = asyncio.Lock()
         # When the message becomes visible again unless renewed (monotonic clock).
-        self.expires_at = time.monotonic() + visibility
+        self.expires_at = clock() + self.visibility
         self._task = asyncio.create_task(self._keep(), name=f"lease-{message.id}")
 
     async def _keep(self) -> None:
+        clock = self._clock
         while True:
-            await asyncio.sleep(max(0.0, self.expires_at - self.visibility / 2 - time.monotonic()))
+            await self._sleep(max(0.0, self.expires_at - self.policy.renew_after - clock()))
             async with self._lock:
                 if self.ended or self.lost:
                     return
                 # Retry only while a try can still land before the message becomes visible.
-                timeout = lease_request_timeout(self.visibility)
-                budget = self.expires_at - time.monotonic() - timeout
-                renewed_at = time.monotonic()
+                timeout = self.policy.request_timeout
+                budget = self.expires_at - clock() - timeout
+                renewed_at = clock()
                 try:
                     await self.storage.set_visibility(
                         self.message, self.visibility, budget=max(budget, 0.0), timeout=timeout

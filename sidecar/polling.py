@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sidecar.policy import PollingPolicy
+
 
 class Poller:
     def __init__(
@@ -27,6 +29,10 @@ class Poller:
         self._next = dict.fromkeys(self.queues, 0.0)
         self._empty = dict.fromkeys(self.queues, False)
         self._start = 0
+
+    @classmethod
+    def from_policy(cls, policy: PollingPolicy, clock: Callable[[], float] = time.monotonic) -> Poller:
+        return cls(list(policy.queues), policy.min_interval, policy.max_interval, clock)
 
     def due(self) -> list[str]:
         """Queues to poll now, starting one further along each time."""
