@@ -15,13 +15,15 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.a1111 import A1111Client, http_client
-from sidecar.assets import Catalog, CatalogError
+from sidecar.assets import Catalog
 from sidecar.config import Settings
 from sidecar.credentials import earliest_expiry
 from sidecar.credentials import watch as watch_expiry
 from sidecar.endpoints import Health, bound_port, serve
-from sidecar.errors import A1111Unavailable, SidecarError
+from sidecar.errors import A1111Unavailable, CatalogError, SidecarError
 from sidecar.observability import Metrics
+from sidecar.pipeline.stop import StopReason
+from sidecar.policy import Policies, RunLimits
 from sidecar.storage import Storage
 from sidecar.supervisor import Supervisor
 from sidecar.worker import Worker
@@ -69,18 +71,9 @@ async def run_worker(
             face_restoration_available=settings.face_restoration_available,
             check_negative_prompts=True,  # a LoRA named anywhere in the job must be here
         )
-        worker = Worker(
-            settings,
-            storage,
-            a1111,
-            metrics,
-            max_jobs=max_jobs,
-            exit_when_empty=exit_when_empty,
-            wait_invisible=wait_invisible,
-            catalog=catalog,
-        )
-        health = Health(storage_answering=lambda: storage.answering, fatal=lambda: worker.fatal)
-        worker.on_stop = lambda: setattr(health, "draining", True)
+        run = RunLimits(max_jobs, exit_when_empty, wait_invisible)
+        worker = Worker(Policies.from_settings(settings, run), storage, a1111, metrics, catalog=catalog)
+        health = Health(worker.stop, storage_answering=lambda: storage.answering)
         supervisor = (
             Supervisor(settings.a1111_command, worker.a1111_exited) if settings.a1111_command else None
         )
@@ -127,7 +120,8 @@ async def run_worker(
                 )
                 return code
         finally:
-            health.draining = True
+            if not worker.stop.is_set:  # an exception on the way: not ready while closing down
+                worker.stop.set(StopReason.UNEXPECTED)
             if supervisor is not None:
                 await supervisor.stop()
             await endpoints.cleanup()
@@ -154,7 +148,7 @@ async def _start_up(
         asyncio.create_task(storage.ensure(), name="storage"),
         asyncio.create_task(a1111_ready(), name="a1111"),
     }
-    stop: asyncio.Task[Any] = asyncio.create_task(worker.stopping.wait())
+    stop: asyncio.Task[Any] = asyncio.create_task(worker.stop.wait())
     pending = set(steps)
     try:
         while pending and not stop.done():
@@ -164,12 +158,14 @@ async def _start_up(
                 error = step.exception()
                 if isinstance(error, A1111Unavailable):
                     log.error("A1111 is not usable: %s", error, extra={"stage": "start"})
-                    return 3
+                    worker.stop.set(StopReason.A1111_NOT_USABLE)
+                    return worker.stop.exit_code
                 if isinstance(error, SidecarError):
                     log.error(
                         "storage is not usable: %s", error, extra={"stage": "start", "error": error.kind}
                     )
-                    return 1
+                    worker.stop.set(StopReason.STORAGE_NOT_USABLE)
+                    return worker.stop.exit_code
                 if error is not None:
                     raise error
     finally:
@@ -177,5 +173,5 @@ async def _start_up(
             task.cancel()
         await asyncio.gather(*pending, stop, return_exceptions=True)
     if pending:  # a signal (or A1111 exiting) came first
-        return 1 if worker.fatal else 0
+        return worker.stop.exit_code
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,23 +14,36 @@ from sidecar.errors import SidecarError
 from sidecar.observability import Metrics
 
 
+class Stopping(Protocol):
+    """The worker's stop (``sidecar.pipeline.stop.Stop``) as readiness sees it."""
+
+    @property
+    def is_set(self) -> bool: ...
+
+    @property
+    def error(self) -> SidecarError | None: ...
+
+
 @dataclass
 class Health:
-    """What readiness is made of. Ready = A1111 warmed up, storage answering, not draining."""
+    """What readiness is made of. Ready = A1111 warmed up, storage answering, not stopping."""
 
-    a1111_warm: bool = False
-    draining: bool = False
+    stop: Stopping
     storage_answering: Callable[[], bool] = field(default=lambda: False)
-    # why the worker is stopping for good (a storage refusal, A1111 gone), once it is
-    fatal: Callable[[], SidecarError | None] = field(default=lambda: None)
+    a1111_warm: bool = False
+
+    @property
+    def draining(self) -> bool:
+        return self.stop.is_set
 
     @property
     def ready(self) -> bool:
-        return self.a1111_warm and self.storage_answering() and not self.draining and self.fatal() is None
+        return self.a1111_warm and self.storage_answering() and not self.draining
 
     def reasons(self) -> list[str]:
         reasons = []
-        fatal = self.fatal()
+        # why the worker is stopping for good (a storage refusal, A1111 gone), once it is
+        fatal = self.stop.error
         if fatal is not None:
             reasons.append(f"stopping: {fatal}")
         if not self.a1111_warm:

@@ -268,11 +268,11 @@ async def test_an_exception_nobody_planned_for_poisons_only_its_message(
     """Steps: validating one message and building another's request raise errors the worker has no
     plan for (a bug, say). Each of those messages is poisoned with the exception's type and text; the
     good job between them is stored and the worker drains normally (exit 0)."""
-    from sidecar import worker as worker_module
+    from sidecar.pipeline import fetch as fetch_stage
     from sidecar.app import run_worker
     from sidecar.jobs import Job
 
-    real_parse, real_payload = worker_module.parse_job, Job.txt2img_payload
+    real_parse, real_payload = fetch_stage.parse_job, Job.txt2img_payload
 
     def parse(text: str, *args: Any, **kwargs: Any) -> Any:
         if "explode-in-validation" in text:
@@ -284,7 +284,7 @@ async def test_an_exception_nobody_planned_for_poisons_only_its_message(
             raise KeyError("sampler_name")
         return real_payload(self)
 
-    monkeypatch.setattr(worker_module, "parse_job", parse)
+    monkeypatch.setattr(fetch_stage, "parse_job", parse)
     monkeypatch.setattr(Job, "txt2img_payload", payload)
     queue = settings.queue_name[0]
     for job_id in ("explode-in-validation", "fine", "explode-in-generation"):
