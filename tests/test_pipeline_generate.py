@@ -158,3 +158,13 @@ async def test_the_loop_gives_back_what_it_takes_after_a_stop(make_rig: MakeRig)
 
     await rig.generator.loop(ready, dispatch)
     assert rig.a1111.calls == [] and rig.book.outcomes == {"released": 1}
+
+
+async def test_a_remake_no_longer_waits_behind_the_request_it_was_queued_behind(make_rig: MakeRig) -> None:
+    rig = make_rig(policies())
+    ahead: asyncio.Task[Generation | None] = asyncio.create_task(rig.generator.generate(await rig.hold()))
+    await ahead
+    rig.a1111.calls.clear()
+    rig.a1111.script = [A1111CutShort("interrupted while queued"), generation()]
+    assert await rig.generator.generate(await rig.hold({**JOB, "id": "behind"}), ahead) is not None
+    assert [call["after"] for call in rig.a1111.calls] == [ahead, None]
