@@ -13,7 +13,8 @@ from sidecar.errors import CatalogError, StorageRefused, StorageUnavailable
 from sidecar.pipeline.book import Held
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import PipelinePolicy, Policies, RunLimits, TriesPolicy
-from tests.fakes import JOB, QUEUE, Rig, missing_lora, policies, unknown_sampler
+from tests.fakes import missing_lora, unknown_sampler
+from tests.rig import JOB, QUEUE, Rig, policies
 
 MakeRig = Callable[[Policies], Rig]
 

@@ -14,7 +14,8 @@ from sidecar.errors import StorageRefused, StorageUnavailable
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import PipelinePolicy, Policies
 from sidecar.storage import JSON, PNG
-from tests.fakes import JOB, PNG_BYTES, QUEUE, Rig, generation, policies
+from tests.fakes import PNG_BYTES, generation
+from tests.rig import JOB, QUEUE, Rig, policies
 
 MakeRig = Callable[[Policies], Rig]
 

@@ -13,7 +13,8 @@ from sidecar.errors import A1111CutShort, A1111Rejected, A1111ServerError, A1111
 from sidecar.pipeline.book import Held
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import GenerationPolicy, Policies, TriesPolicy
-from tests.fakes import JOB, Rig, generation, policies
+from tests.fakes import generation
+from tests.rig import JOB, Rig, policies
 
 MakeRig = Callable[[Policies], Rig]
 

@@ -12,7 +12,8 @@ from sidecar.errors import LeaseLost, StorageRefused, StorageUnavailable
 from sidecar.lease import Lease
 from sidecar.policy import LeasePolicy
 from sidecar.storage import Message
-from tests.fakes import QUEUE, FakeClock, FakeStore
+from tests.fakes import FakeClock, FakeStore
+from tests.rig import QUEUE
 
 VISIBILITY = 60
 

@@ -19,7 +19,7 @@ from sidecar.errors import (
 )
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import Policies, RunLimits, TriesPolicy
-from tests.fakes import JOB, QUEUE, Rig, policies
+from tests.rig import JOB, QUEUE, Rig, policies
 
 MakeRig = Callable[[Policies], Rig]
 

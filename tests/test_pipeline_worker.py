@@ -10,7 +10,8 @@ from sidecar.observability import Metrics
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import PipelinePolicy, Policies, RunLimits
 from sidecar.worker import Worker
-from tests.fakes import JOB, QUEUE, FakeA1111, FakeCatalog, FakeStore, policies
+from tests.fakes import FakeA1111, FakeCatalog, FakeStore
+from tests.rig import JOB, QUEUE, policies
 
 
 def make_worker(chosen: Policies) -> tuple[Worker, FakeStore, FakeA1111]:
