@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Offline checks of the shipping files: the Dockerfiles (hadolint), docker-compose.yml (the Compose
-# spec's JSON schema, built into check-jsonschema), the Kubernetes manifests and the SaladCloud
-# container group (structure and probes), and the A1111 start script (sh -n). No Docker engine and
-# no network needed; tests/test_shipping.py runs it and adds cross-file checks.
+# spec's JSON schema, built into check-jsonschema), the Kubernetes manifests (kubernetes-validate
+# --strict against the Kubernetes API schemas; the KEDA objects against KEDA's CRD schemas), the
+# SaladCloud container group (SaladCloud's API schema), the structure and policies of both (probes,
+# grace, scaling, hardening, models) and the A1111 start script (sh -n). The vendor schemas are data
+# files under deploy/schemas/ (README there: source and version). No Docker engine and no network
+# needed; tests/test_shipping.py runs it and adds cross-file checks.
 #
 #   scripts/check-shipping.sh [ROOT]    ROOT: the tree to check (default: this repository)
 #
@@ -31,6 +34,11 @@ tool() {
 hadolint=$(tool hadolint)
 check_jsonschema=$(tool check-jsonschema)
 python=$(tool python python3)
+kubernetes_validate=$(tool kubernetes-validate)
+schemas="$root/deploy/schemas"
+# Kubernetes API versions to validate against: the oldest and the newest a supported AKS may run
+# (kubernetes-validate bundles the schemas of each release).
+k8s_versions=(1.31.0 1.37.0)
 
 # Every check must work offline: point all proxies at a closed port, so a tool that tries to download
 # something (a schema, say) fails here loudly instead of depending on the network by accident.
@@ -56,6 +64,89 @@ step "compose spec: docker-compose.yml" \
     "$check_jsonschema" --builtin-schema vendor.compose-spec "$root/docker-compose.yml"
 
 step "sh -n: a1111/start-webui.sh" sh -n "$root/a1111/start-webui.sh"
+
+# Split deploy/kubernetes/*.yaml by API group: the built-in kinds go to kubernetes-validate, the
+# keda.sh kinds to check-jsonschema with KEDA's CRD schema (kubernetes-validate only warns on kinds it
+# has no schema for, so nothing may reach it that it cannot check).
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$python" - "$root" "$work" <<'PY' || failed=1
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+root, work = Path(sys.argv[1]), Path(sys.argv[2])
+(work / "k8s").mkdir()
+(work / "keda").mkdir()
+for path in sorted((root / "deploy" / "kubernetes").glob("*.yaml")):
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except yaml.YAMLError as error:
+        print(f"  {path.name}: not YAML: {error}", file=sys.stderr)
+        sys.exit(1)
+    core = []
+    for index, doc in enumerate(docs):
+        api = str(doc.get("apiVersion", "")) if isinstance(doc, dict) else ""
+        if api.startswith("keda.sh/"):
+            target = work / "keda" / f"{path.stem}.{index}.{doc.get('kind')}.json"
+            target.write_text(json.dumps(doc), encoding="utf-8")
+        else:
+            core.append(doc)
+    if core:
+        (work / "k8s" / path.name).write_text(yaml.safe_dump_all(core, sort_keys=False), encoding="utf-8")
+PY
+
+# check-jsonschema against a vendored schema, quiet unless it fails (its errors go to stdout).
+schema_check() {
+    local out
+    out=$("$check_jsonschema" --schemafile "$1" "$2" 2>&1) && return 0
+    sed 's/^/  /' <<<"$out" >&2
+    return 1
+}
+
+k8s_validate() {
+    local version out status=0
+    local files=("$work"/k8s/*.yaml)
+    [ -e "${files[0]}" ] || { echo "  deploy/kubernetes: no Kubernetes objects" >&2; return 1; }
+    for version in "${k8s_versions[@]}"; do
+        out=$(cd "$work/k8s" && "$kubernetes_validate" --strict --kubernetes-version "$version" ./*.yaml 2>&1) \
+            || status=1
+        # A kind without a schema is only a warning there: here it is a failure.
+        if grep -q "Couldn't find schema" <<<"$out"; then
+            status=1
+        fi
+        if [ "$status" -ne 0 ]; then
+            grep -v '^INFO' <<<"$out" | sed 's/^/  /' >&2
+            return 1
+        fi
+    done
+}
+step "kubernetes-validate --strict (${k8s_versions[*]}): deploy/kubernetes" k8s_validate
+
+keda_validate() {
+    local file kind schema status=0 any=0
+    for file in "$work"/keda/*.json; do
+        [ -e "$file" ] || continue
+        any=1
+        kind=${file%.json}
+        kind=${kind##*.}
+        schema="$schemas/keda/$(tr '[:upper:]' '[:lower:]' <<<"$kind")_v1alpha1.yaml"
+        if [ ! -f "$schema" ]; then
+            echo "  $(basename "$file"): no KEDA schema for $kind in deploy/schemas/keda" >&2
+            status=1
+            continue
+        fi
+        schema_check "$schema" "$file" || status=1
+    done
+    [ "$any" -eq 1 ] || { echo "  deploy/kubernetes: no keda.sh objects" >&2; return 1; }
+    return "$status"
+}
+step "KEDA CRD schema: ScaledObject, TriggerAuthentication" keda_validate
+
+step "SaladCloud API schema: deploy/salad/container-group.json" \
+    schema_check "$schemas/saladcloud/container-group-prototype.yaml" "$root/deploy/salad/container-group.json"
 
 step "manifests: deploy/kubernetes/*.yaml, deploy/salad/container-group.json" \
     "$python" - "$root" <<'PY'
@@ -145,6 +236,71 @@ for label, doc in scaled:
         need(metadata.get("connectionFromEnv") or trigger.get("authenticationRef"),
              f"{label}: azure-queue trigger without connectionFromEnv or authenticationRef")
 
+# Policies the schemas allow to be broken. A Deployment under a ScaledObject sets no replicas (each
+# apply would reset KEDA's scale); GPU pods tolerate the GPU pools' taints, get no service account
+# token and run without privilege escalation or capabilities; the models volume is filled by a Job
+# that mounts it writable and is mounted read-only by the workers.
+def pod_of(doc: dict) -> dict:
+    return ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+
+
+def claim_mounts(pod: dict) -> list[tuple[str, dict]]:
+    """(claim name, volumeMount) for every mount of a persistentVolumeClaim volume."""
+    claims_by_volume = {
+        v.get("name"): v["persistentVolumeClaim"].get("claimName")
+        for v in pod.get("volumes") or []
+        if isinstance(v.get("persistentVolumeClaim"), dict)
+    }
+    return [
+        (claims_by_volume[m.get("name")], m)
+        for c in (pod.get("containers") or []) + (pod.get("initContainers") or [])
+        for m in c.get("volumeMounts") or []
+        if m.get("name") in claims_by_volume
+    ]
+
+
+def tolerates(pod: dict, key: str, value: str | None) -> bool:
+    for toleration in pod.get("tolerations") or []:
+        if toleration.get("key") != key or toleration.get("effect") not in (None, "NoSchedule"):
+            continue
+        if toleration.get("operator") == "Exists" or (value is not None and toleration.get("value") == value):
+            return True
+    return False
+
+
+scaled_targets = {((doc.get("spec") or {}).get("scaleTargetRef") or {}).get("name") for _, doc in scaled}
+claims = {doc["metadata"]["name"]: doc for _, doc in documents if doc.get("kind") == "PersistentVolumeClaim"}
+filled = {
+    claim
+    for _, doc in documents
+    if doc.get("kind") == "Job"
+    for claim, mount in claim_mounts(pod_of(doc))
+    if not mount.get("readOnly")
+}
+for label, doc in deployments:
+    spec = doc.get("spec") or {}
+    pod = pod_of(doc)
+    if doc["metadata"]["name"] in scaled_targets:
+        need("replicas" not in spec,
+             f"{label}: sets spec.replicas, but a ScaledObject scales it (every apply would reset the scale)")
+    need(pod.get("automountServiceAccountToken") is False, f"{label}: automountServiceAccountToken is not false")
+    for key, value in (("nvidia.com/gpu", None), ("sku", "gpu")):
+        need(tolerates(pod, key, value),
+             f"{label}: no toleration for the GPU pool taint {key}{'=' + value if value else ''}:NoSchedule")
+    for container in pod.get("containers") or []:
+        context = container.get("securityContext") or {}
+        name = f"{label} container {container.get('name')!r}"
+        need(context.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation is not false")
+        need("ALL" in ((context.get("capabilities") or {}).get("drop") or []), f"{name}: does not drop ALL capabilities")
+    for claim, mount in claim_mounts(pod):
+        need(mount.get("readOnly") is True, f"{label}: mounts the claim {claim} writable")
+        if not need(claim in claims, f"{label}: no PersistentVolumeClaim {claim} in deploy/kubernetes"):
+            continue
+        modes = (claims[claim].get("spec") or {}).get("accessModes") or []
+        need("ReadWriteMany" in modes,
+             f"{claim}: accessModes {modes}: must be ReadWriteMany (a Job fills it while the pods read it)")
+        need(claim in filled, f"{label}: nothing fills the claim {claim} (no Job mounts it writable)")
+
 # SaladCloud container group (the public API's create request).
 salad_path = root / "deploy" / "salad" / "container-group.json"
 try:
@@ -164,6 +320,9 @@ if group is not None:
     need(isinstance(container.get("environment_variables"), dict), "salad: no container.environment_variables")
     need(isinstance(group.get("replicas"), int), "salad: no replicas")
     need(group.get("restart_policy") in {"always", "on_failure", "never"}, "salad: bad restart_policy")
+    # Salad's /dev/shm defaults to 64 MB; PyTorch's shared memory needs far more.
+    need(isinstance(resources.get("shm_size"), int) and resources["shm_size"] >= 1024,
+         "salad: container.resources.shm_size is not set to at least 1024 (MB)")
     port = int((container.get("environment_variables") or {}).get("SIDECAR_HTTP_PORT", "8000"))
     for probe, path in {"startup_probe": "/readyz", "readiness_probe": "/readyz",
                         "liveness_probe": "/healthz"}.items():

@@ -111,6 +111,16 @@ def _replace(relative: str, old: str, new: str) -> Callable[[Path], None]:
     return apply
 
 
+def _edit_json(relative: str, edit: Callable[[Any], None]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        path = root / relative
+        data = json.loads(path.read_text(encoding="utf-8"))
+        edit(data)
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+    return apply
+
+
 BREAKAGES = {
     "hadolint": _replace("Dockerfile", "WORKDIR /app\n", "RUN cd /app\n"),
     "compose spec": _replace("docker-compose.yml", "stop_grace_period: 60s", "stop_grace_periods: 60s"),
@@ -126,6 +136,62 @@ BREAKAGES = {
     ),
     "manifests/salad": _replace(
         "deploy/salad/container-group.json", '"path": "/healthz"', '"path": "/readyz"'
+    ),
+    "manifests/replicas": _replace(
+        "deploy/kubernetes/deployment.yaml",
+        "  revisionHistoryLimit: 3",
+        "  replicas: 1\n  revisionHistoryLimit: 3",
+    ),
+    "manifests/token": _replace(
+        "deploy/kubernetes/deployment.yaml",
+        "automountServiceAccountToken: false",
+        "automountServiceAccountToken: true",
+    ),
+    "manifests/toleration": _replace("deploy/kubernetes/deployment.yaml", "- key: sku\n", "- key: pool\n"),
+    "manifests/capabilities": _replace(
+        "deploy/kubernetes/deployment.yaml", 'drop: ["ALL"]', 'drop: ["NET_RAW"]'
+    ),
+    "manifests/models-readonlymany": _replace(
+        "deploy/kubernetes/models-pvc.yaml", '["ReadWriteMany"]', '["ReadOnlyMany"]'
+    ),
+    "manifests/models-unfilled": _replace(
+        "deploy/kubernetes/models-job.yaml",
+        "              mountPath: /models\n",
+        "              mountPath: /models\n              readOnly: true\n",
+    ),
+    "manifests/shm": _replace("deploy/salad/container-group.json", '"shm_size": 2048', '"shm_size": 512'),
+    "kubernetes-validate/deployment": _replace(
+        "deploy/kubernetes/deployment.yaml", "revisionHistoryLimit: 3", "revisionHistoryLimt: 3"
+    ),
+    "kubernetes-validate/job": _replace(
+        "deploy/kubernetes/models-job.yaml", "backoffLimit: 3", "backoffLimit: three"
+    ),
+    "kubernetes-validate/pvc": _replace(
+        "deploy/kubernetes/models-pvc.yaml", 'accessModes: ["ReadWriteMany"]', "accessModes: ReadWriteMany"
+    ),
+    "kubernetes-validate/unknown-kind": _replace(
+        "deploy/kubernetes/models-pvc.yaml", "kind: PersistentVolumeClaim", "kind: PersistentVolumeClam"
+    ),
+    "KEDA CRD schema/scaledobject": _replace(
+        "deploy/kubernetes/scaledobject.yaml", "pollingInterval: 15", "pollingIntervl: 15"
+    ),
+    "KEDA CRD schema/triggers": _replace(
+        "deploy/kubernetes/scaledobject.yaml", "  triggers:\n", "  trigger:\n"
+    ),
+    "KEDA CRD schema/triggerauthentication": _replace(
+        "deploy/kubernetes/scaledobject.yaml", "secretTargetRef:", "secretTargetRefs:"
+    ),
+    "SaladCloud API schema/headers": _edit_json(
+        "deploy/salad/container-group.json", lambda group: group["liveness_probe"]["http"].update(headers=[])
+    ),
+    "SaladCloud API schema/shm": _replace(
+        "deploy/salad/container-group.json", '"shm_size": 2048', '"shm_size": 32'
+    ),
+    "SaladCloud API schema/gpu": _replace(
+        "deploy/salad/container-group.json", '"00000000-0000-0000-0000-000000000000"', '"rtx-4090"'
+    ),
+    "SaladCloud API schema/field": _replace(
+        "deploy/salad/container-group.json", '"replicas": 3', '"replica": 3'
     ),
 }
 
@@ -295,6 +361,25 @@ def test_gpu_target_runs_the_worker_which_starts_a1111_with_the_flags_file() -> 
     # A1111 answers where the worker looks for it.
     url = urlsplit(env["SIDECAR_A1111_URL"])
     assert url.hostname in {"127.0.0.1", "localhost"} and url.port == webui_flag_value("--port", int)
+
+
+def test_gpu_image_caches_the_hub_files_online_then_runs_offline() -> None:
+    """The RUN that caches the CLIP tokenizer and config may reach the Hugging Face hub; every later
+    instruction, and the container at run time, has HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1."""
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    instructions = parse_dockerfile().stages["gpu"].instructions
+    caching = [i for i, (kw, body) in enumerate(instructions) if kw == "RUN" and "from_pretrained(" in body]
+    assert caching, "the gpu stage no longer caches the Hugging Face files"
+    set_at = {}
+    for index, (keyword, body) in enumerate(instructions):
+        if keyword == "ENV":
+            for token in shlex.split(body):
+                key, _, value = token.partition("=")
+                if key in offline:
+                    assert value == offline[key], f"{key}={value}"
+                    set_at.setdefault(key, index)
+    assert set_at.keys() == offline.keys(), f"the gpu stage does not set {offline.keys() - set_at.keys()}"
+    assert min(set_at.values()) > max(caching), "offline is set before the caching step, which then fails"
 
 
 def dockerignore_includes(path: str, patterns: list[str]) -> bool:
@@ -877,6 +962,58 @@ def test_keda_scales_the_deployment_on_its_own_queue(clean_env: Callable[[dict[s
         assert int(trigger["metadata"]["queueLength"]) >= 1
 
 
+def test_models_reach_the_pods_by_a_job_filled_volume_or_the_baked_image() -> None:
+    """Kubernetes: the models-job.yaml Job fills the ReadWriteMany claim the worker mounts read-only at
+    /models, with the folders A1111 is pointed at; or the models are baked in (Dockerfile.models)."""
+    documents = k8s_documents()
+    pod = documents[("Deployment", "a1111-sidecar")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert mount["readOnly"] is True and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"] is True
+    assert documents[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert documents[("PersistentVolumeClaim", claim)]["spec"]["storageClassName"].startswith("azurefile-csi")
+
+    job = documents[("Job", "a1111-models-fill")]["spec"]["template"]["spec"]
+    (copier,) = job["containers"]
+    job_volumes = {v["name"]: v for v in job["volumes"]}
+    (job_mount,) = [m for m in copier["volumeMounts"] if m["mountPath"] == "/models"]
+    assert job_volumes[job_mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
+    assert not job_mount.get("readOnly")
+    script = " ".join(copier["args"])
+    for flag in ("--ckpt-dir", "--lora-dir", "--vae-dir", "--embeddings-dir"):
+        assert webui_flag_value(flag) in script, f"the Job does not create {webui_flag_value(flag)}"
+    assert "az storage blob download-batch" in script and "--destination /models" in script
+    image, _, tag = copier["image"].rpartition(":")
+    assert image == "mcr.microsoft.com/azure-cli" and re.fullmatch(r"\d+\.\d+\.\d+", tag), copier["image"]
+    env = {item["name"]: item for item in copier["env"]}
+    ref = env["AZURE_STORAGE_CONNECTION_STRING"]["valueFrom"]["secretKeyRef"]
+    source = documents[("Secret", ref["name"])]["stringData"][ref["key"]]
+    assert "SharedAccessSignature=" in source and "AccountKey" not in source, "the copy gets a read-only SAS"
+    assert job["automountServiceAccountToken"] is False and job["securityContext"]["runAsNonRoot"] is True
+
+    # The other way: the gpu image with the models folder copied in, for platforms without volumes.
+    models = parse_dockerfile(ROOT / "deploy" / "docker" / "Dockerfile.models")
+    (stage,) = models.stages.values()
+    assert stage.base == "${BASE_IMAGE}" and models.global_args["BASE_IMAGE"].endswith("-gpu")
+    assert [(dest, sources) for _, dest, sources in stage.copies()] == [("/models/", ["models/"])]
+    readme = (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+    for named in ("Dockerfile.models", "models-job.yaml", "models-pvc.yaml", "a1111-models-source"):
+        assert named in readme, f"deploy/README.md does not explain {named}"
+
+
+def test_vendored_schemas_are_named_with_their_source() -> None:
+    schemas = ROOT / "deploy" / "schemas"
+    readme = (schemas / "README.md").read_text(encoding="utf-8")
+    files = sorted(p for p in schemas.rglob("*") if p.is_file() and p.name != "README.md")
+    assert files
+    for path in files:
+        relative = path.relative_to(schemas).as_posix()
+        assert relative in readme, f"deploy/schemas/README.md does not name {relative}"
+    assert readme.count("https://github.com/") >= 2
+
+
 # --------------------------------------------------------------------------- SaladCloud
 
 
@@ -897,4 +1034,7 @@ def test_salad_container_group_variables_and_probes(clean_env: Callable[[dict[st
     assert window > settings.a1111_start_timeout, "the startup probe gives up before the worker does"
     assert group["container"]["image"].split(":")[-1].startswith("0.1.0-gpu")
     assert "command" not in group["container"], "the image's entrypoint (the worker) must run"
+    assert group["container"]["resources"]["shm_size"] >= 1024, "/dev/shm: Salad's default is 64 MB"
+    for probe in ("startup_probe", "readiness_probe", "liveness_probe"):
+        assert group[probe]["http"]["headers"], f"{probe}: Salad's API requires at least one header"
     assert re.fullmatch(r"[a-z][a-z0-9-]{0,61}[a-z0-9]", group["name"])
