@@ -207,6 +207,7 @@ class StandIn:
 
     async def load_model(self, model: Checkpoint) -> None:
         if model != self.loaded:
+            self.stats.model_switches += 1
             await asyncio.sleep(self.settings.model_switch_seconds)
             self.loaded = model
             self.options["sd_checkpoint_hash"] = model.sha256

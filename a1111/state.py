@@ -34,6 +34,7 @@ class Stats:
     details: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50_000))
     count: int = 0
     received: deque[Any] = field(default_factory=lambda: deque(maxlen=1000))
+    model_switches: int = 0  # checkpoints loaded in place of another (each costs model_switch_seconds)
 
     def record(
         self,
@@ -90,6 +91,7 @@ class Stats:
             "generations": list(self.generations),
             "generations_detail": list(self.details),
             "received": list(self.received),
+            "model_switches": self.model_switches,
         }
 
 
