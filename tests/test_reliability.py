@@ -193,16 +193,17 @@ async def test_grace_deadline_gives_the_cut_off_job_back(
         worker = WorkerProcess(settings, log_dir=tmp_path)
         try:
             await _wait_generating(slow.url, worker)
-            signalled = time.monotonic()
             worker.signal(signal.SIGTERM)
-            assert await worker.wait_exit(timeout=15) == 0
-            assert time.monotonic() - signalled < 10
+            assert await worker.wait_exit(timeout=30) == 0
         finally:
             worker.stop()
         assert len(await visible_messages(storage, settings.queue_name[0])) == len(ids)
         assert await blob_names(storage) == []
         progress = await standin_call(slow.url, "GET", "/sdapi/v1/progress")
-        assert not progress["state"]["job"], "A1111 was interrupted"
+        assert not progress["state"]["job"], "A1111 is idle"
+        # the stand-in's record, not a clock: the 16 s job was cut short by the interrupt
+        cut = (await standin_call(slow.url, "GET", "/standin/stats"))["generations_detail"][-1]
+        assert cut["interrupted"] and cut["images"] < 8, cut
 
 
 async def test_storage_outage_is_ridden_out(make_settings: Any, standin: Any, tmp_path: Path) -> None:
