@@ -196,15 +196,26 @@ BREAKAGES = {
 }
 
 
-@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_check_shipping_script_fails_on_broken_files(tmp_path: Path, breakage: str) -> None:
+@pytest.fixture(scope="module")
+def shipping_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the files the script checks, shown to pass once, before each test breaks its own copy."""
+    copy = tmp_path_factory.mktemp("shipping")
     for name in ("Dockerfile", "docker-compose.yml"):
-        shutil.copy2(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "a1111").mkdir()
-    shutil.copy2(START_SCRIPT, tmp_path / "a1111" / START_SCRIPT.name)
-    assert run_script(tmp_path).returncode == 0, "the copy must pass before it is broken"
+        shutil.copy2(ROOT / name, copy / name)
+    shutil.copytree(ROOT / "deploy", copy / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "a1111").mkdir()
+    shutil.copy2(START_SCRIPT, copy / "a1111" / START_SCRIPT.name)
+    result = run_script(copy)
+    assert result.returncode == 0, "the copy must pass before it is broken: " + result.stdout + result.stderr
+    return copy
 
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_check_shipping_script_fails_on_broken_files(
+    shipping_copy: Path, tmp_path: Path, breakage: str
+) -> None:
+    tmp_path = tmp_path / "copy"
+    shutil.copytree(shipping_copy, tmp_path)
     BREAKAGES[breakage](tmp_path)
     result = run_script(tmp_path)
     assert result.returncode != 0, result.stdout + result.stderr
