@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from sidecar.a1111 import Generation
-from sidecar.errors import A1111CutShort, A1111Rejected, A1111ServerError, A1111Unavailable
+from sidecar.errors import A1111AuthRefused, A1111CutShort, A1111Rejected, A1111ServerError, A1111Unavailable
 from sidecar.pipeline.book import Held
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import GenerationPolicy, Policies, TriesPolicy
@@ -169,3 +169,14 @@ async def test_a_remake_no_longer_waits_behind_the_request_it_was_queued_behind(
     rig.a1111.script = [A1111CutShort("interrupted while queued"), generation()]
     assert await rig.generator.generate(await rig.hold({**JOB, "id": "behind"}), ahead) is not None
     assert [call["after"] for call in rig.a1111.calls] == [ahead, None]
+
+
+async def test_a_fatal_error_from_a1111_stops_at_once_and_fails_no_job(make_rig: MakeRig) -> None:
+    rig = make_rig(policies())
+    error = A1111AuthRefused("A1111 refused the credentials in SIDECAR_A1111_API_AUTH (401)")
+    rig.a1111.script = [error]
+    held = await rig.hold()
+    with pytest.raises(A1111AuthRefused):
+        await rig.generator.generate(held)
+    assert (rig.stop.reason, rig.stop.error, rig.stop.aborting) == (StopReason.FATAL, error, True)
+    assert rig.book.outcomes == {} and held.lease in rig.book.held  # released on the way out

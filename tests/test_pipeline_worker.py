@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.errors import A1111ServerError, CredentialExpired, StorageRefused
+from sidecar.errors import A1111AuthRefused, A1111ServerError, CredentialExpired, StorageRefused
 from sidecar.observability import Metrics
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import PipelinePolicy, Policies, RunLimits
@@ -130,3 +130,13 @@ async def test_failures_in_a_row_stop_a_sick_node_with_1() -> None:
     # the 5th stops fetching; the one queued behind it at A1111 may still fail on the way out
     assert worker.outcomes["retried"] in (5, 6) and store.blobs == {}
     assert len(store.queues[QUEUE]) == 8  # released, none lost
+
+
+async def test_a1111_refusing_the_credentials_mid_run_exits_1_and_loses_no_job() -> None:
+    worker, store, a1111 = make_worker(policies(pipeline=PipelinePolicy(prefetch=2)))
+    add_jobs(store, 3)
+    a1111.script = [A1111AuthRefused("A1111 refused the credentials in SIDECAR_A1111_API_AUTH (401)")]
+    assert await worker.run() == 1
+    assert worker.stop.reason is StopReason.FATAL
+    assert store.poisoned == [] and store.blobs == {}
+    assert len(store.visible(QUEUE)) == 3  # all given back at once

@@ -19,6 +19,7 @@ from sidecar.backoff import call_with_retries
 from sidecar.errors import (
     A1111CutShort,
     A1111ServerError,
+    FatalError,
     PermanentError,
     SidecarError,
     TransientError,
@@ -107,6 +108,11 @@ class Generator:
         except (TransientError, PermanentError) as error:
             await self.settler.fail(held, error)
             return None
+        except FatalError as error:
+            # No job can run here (A1111 refuses our credentials): stop at once; the job is given back
+            # on the way out, never failed.
+            self.stop.abort(error)
+            raise
         except SidecarError:
             raise
         except Exception as error:
