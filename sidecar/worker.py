@@ -177,12 +177,27 @@ class Worker:
                 generator = asyncio.create_task(
                     self.generator.loop(self._ready, self.finisher.start), name="generator"
                 )
+                fetcher = asyncio.create_task(self.fetcher.loop(self._ready), name="fetcher")
+
+                def generator_ended(task: asyncio.Task[None]) -> None:
+                    # A FatalError in a generation (A1111 refusing the credentials, say) must stop
+                    # the fetching too, not wait behind a fetch loop that never ends.
+                    if not task.cancelled() and task.exception() is not None:
+                        fetcher.cancel()
+
+                generator.add_done_callback(generator_ended)
                 try:
-                    await self.fetcher.loop(self._ready)
-                    await self._give_back_waiting()
+                    try:
+                        await fetcher  # a cancel of this task reaches the fetch loop, as before
+                    except asyncio.CancelledError:
+                        if generator.cancelled() or not generator.done() or generator.exception() is None:
+                            raise
+                    else:
+                        await self._give_back_waiting()
                 finally:
+                    fetcher.cancel()
                     self._ready.put_nowait(None)
-                    await generator
+                    await generator  # raises the generator's error, if it has one
             await self.finisher.wait()
         except asyncio.CancelledError:
             await self.finisher.cancel()
