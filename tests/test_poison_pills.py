@@ -268,9 +268,9 @@ async def test_an_exception_nobody_planned_for_poisons_only_its_message(
     """Steps: validating one message and building another's request raise errors the worker has no
     plan for (a bug, say). Each of those messages is poisoned with the exception's type and text; the
     good job between them is stored and the worker drains normally (exit 0)."""
-    from sidecar.pipeline import fetch as fetch_stage
     from sidecar.app import run_worker
     from sidecar.jobs import Job
+    from sidecar.pipeline import fetch as fetch_stage
 
     real_parse, real_payload = fetch_stage.parse_job, Job.txt2img_payload
 
