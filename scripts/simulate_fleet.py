@@ -44,7 +44,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.cli import run_worker
+from sidecar.app import run_worker
 from sidecar.config import Settings, load_settings
 from sidecar.dev.devenv import Azurite, azurite, standin
 from sidecar.prompts import generate_jobs
