@@ -297,6 +297,8 @@ class Stats:
     # forwarded, but the client's connection was aborted instead of answering
     dropped: int = 0
     receipts_issued: int = 0
+    # messages (by path) that Azurite deleted: a delete retried after a lost answer counts once here
+    deleted: set[str] = field(default_factory=set)
 
     def count(self, operation: str, method: str | None = None) -> int:
         return sum(n for (m, op), n in self.requests.items() if op == operation and method in (None, m))
@@ -494,6 +496,8 @@ class AzureQueueFront:
             # Azurite is gone: the client sees what a network failure looks like, a dead connection.
             return _abort(request)
         self.stats.forwarded[(method, operation)] += 1
+        if operation == "delete" and response.status == 204:
+            self.stats.deleted.add(path)
         if drop:
             self.stats.dropped += 1
             return _abort(request)

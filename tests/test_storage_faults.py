@@ -212,7 +212,9 @@ async def test_a_run_of_120_jobs_with_azure_receipts_refuses_nothing(
             worker.stop()
     assert front.stats.refused == []
     assert front.stats.count("update") >= 1, "no renewal happened: the run did not test them"
-    assert front.stats.count("delete") == 123
+    # each message deleted once; under load a delete whose answer came too late is sent again (and
+    # then finds the message gone), so the requests may be more
+    assert len(front.stats.deleted) == 123 and front.stats.count("delete") >= 123
     names = await blob_names(storage)
     assert [n for n in names if n.endswith("job.json")] == [f"{i}/job.json" for i in ids]
     assert len(await queue_texts(storage, settings.poison_queue_for(queue))) == 3
