@@ -5,9 +5,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean promtool
 
-setup: $(VENV)/.installed node_modules/.installed
+# promtool (Debian's prometheus package) checks /metrics and the alert rules; setup installs it where
+# it can (root with apt-get: CI, containers), elsewhere `make promtool` says how and the tests that need
+# it skip unless CI=true.
+CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo yes)
+
+setup: $(VENV)/.installed node_modules/.installed $(if $(CAN_APT),promtool)
+
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	  else \
+	    echo "promtool is missing: install Debian's prometheus package (sudo apt-get install prometheus)" >&2; \
+	    exit 1; \
+	  fi; }
+	@promtool --version 2>&1 | head -1
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)

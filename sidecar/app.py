@@ -25,6 +25,7 @@ from sidecar.observability import Metrics
 from sidecar.pipeline.stop import StopReason
 from sidecar.policy import Policies, RunLimits
 from sidecar.storage import Storage
+from sidecar.storage.refusals import ERROR_CODES as STORAGE_ERROR_CODES
 from sidecar.supervisor import Supervisor
 from sidecar.worker import Worker
 
@@ -61,7 +62,7 @@ async def run_worker(
     wait_invisible: float = 0.0,
 ) -> int:
     """Start up (endpoints, A1111, storage, warm-up), then process jobs. Returns the exit code."""
-    metrics = Metrics()
+    metrics = Metrics(settings.generation_timeout, storage_codes=STORAGE_ERROR_CODES)
     storage = Storage.connect(settings)
     async with http_client(settings.a1111_url, settings.a1111_credentials) as http:
         a1111 = A1111Client(http)
@@ -97,6 +98,9 @@ async def run_worker(
                 if code is not None:
                     return code
                 health.a1111_warm = True
+                # Failed storage tries are counted from here: the start-up's existence probes expect
+                # their 404s.
+                storage.on_error = metrics.storage_error
                 background = [asyncio.create_task(metrics.summarize(settings.summary_interval))]
                 expiry = earliest_expiry(settings)
                 if expiry is not None:

@@ -9,8 +9,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -27,19 +29,31 @@ from sidecar.policy import RetryPolicy, RetrySettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["RetryPolicy", "RetrySettings", "call_with_retries", "retrying"]
+__all__ = ["RetryPolicy", "RetrySettings", "call_with_retries", "retry_log_extra", "retrying"]
+
+# What the retry lines name besides the error (the job being worked on): set per task, so each job's
+# generation and finishing task has its own.
+_log_extra: ContextVar[dict[str, Any]] = ContextVar("sidecar_retry_log_extra", default={})  # noqa: B039
+
+
+@contextmanager
+def retry_log_extra(**extra: Any) -> Iterator[None]:
+    """Within this block (and the tasks it starts), retry log lines carry ``extra`` (``job_id=...``)."""
+    token = _log_extra.set({**_log_extra.get(), **extra})
+    try:
+        yield
+    finally:
+        _log_extra.reset(token)
+
+
+def _extra(error: BaseException | None) -> dict[str, Any]:
+    return {**_log_extra.get(), "stage": "retry", "error": type(error).__name__}
 
 
 def _log_retry(state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
-    log.warning(
-        "%s; retry %d in %.1fs",
-        error,
-        state.attempt_number,
-        wait,
-        extra={"stage": "retry", "error": type(error).__name__},
-    )
+    log.warning("%s; retry %d in %.1fs", error, state.attempt_number, wait, extra=_extra(error))
 
 
 def retrying(
@@ -99,9 +113,7 @@ async def call_with_retries(
         wait = min(retry.base_delay * (1 + random.random()), retry.max_delay)
         if attempts == 1 or time.monotonic() - started + wait > total:
             raise
-        log.warning(
-            "%s; retry 1 in %.1fs", error, wait, extra={"stage": "retry", "error": type(error).__name__}
-        )
+        log.warning("%s; retry 1 in %.1fs", error, wait, extra=_extra(error))
     await asyncio.sleep(wait)
     remaining = max(total - (time.monotonic() - started), 0.0)
     tries_left = None if attempts is None else attempts - 1

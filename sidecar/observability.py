@@ -7,94 +7,296 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import platform
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+from sidecar.errors import (
+    A1111AuthRefused,
+    A1111Rejected,
+    A1111ServerError,
+    A1111Timeout,
+    A1111Unavailable,
+)
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("succeeded", "poisoned", "retried", "deferred", "released", "abandoned", "lost")
+# sidecar_stage_seconds{stage}: receive (a receive that returned messages), generate (one txt2img
+# attempt from A1111 turning to it until its answer), upload (a job's images and job.json), settle
+# (deleting, releasing or poisoning the message)
+STAGES = ("receive", "generate", "upload", "settle")
+# sidecar_a1111_errors_total{status}: these, every other status being "other"
+A1111_ERROR_STATUSES = ("400", "401", "404", "422", "500", "503", "timeout", "unreachable", "other")
+RECEIVE_RESULTS = ("messages", "empty")
+JOB_AGE_AT = ("fetch", "done")
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# a message's age since it was enqueued: a second to a day
+AGE_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
+DEFAULT_DEADLINE = 600.0  # SIDECAR_GENERATION_TIMEOUT's default
+
+
+def stage_buckets(deadline: float = DEFAULT_DEADLINE) -> tuple[float, ...]:
+    """``STAGE_BUCKETS``, extended by 600, 900, 1200, ... until the last finite bucket reaches the
+    generation deadline (a generation may legitimately take that long)."""
+    buckets = list(STAGE_BUCKETS)
+    while buckets[-1] < deadline:
+        buckets.append(600 if buckets[-1] < 600 else buckets[-1] + 300)
+    return tuple(buckets)
+
+
+def a1111_error_status(error: BaseException) -> str | None:
+    """The ``status`` label of an A1111 client error (None: not an error of A1111's, e.g. a cut-short
+    generation, which is the worker's own interrupt)."""
+    if isinstance(error, A1111ServerError | A1111Rejected):
+        status = str(error.status)
+        return status if status in A1111_ERROR_STATUSES else "other"
+    if isinstance(error, A1111AuthRefused):
+        return "401"
+    if isinstance(error, A1111Timeout):
+        return "timeout"
+    if isinstance(error, A1111Unavailable):
+        return "unreachable"
+    return None
+
+
+@dataclass
+class Attempt:
+    """One txt2img attempt as the meter saw it, once it has ended: seconds queued at A1111's lock
+    behind the request ahead, then seconds A1111 spent on it."""
+
+    sent: float
+    queued: float = 0.0
+    seconds: float = 0.0
 
 
 class BusyMeter:
-    """Fraction of wall time A1111 had at least one of our txt2img requests, over a sliding window.
+    """The time A1111 spends on this worker's txt2img attempts (GPU time), and its fraction of the
+    wall over a sliding window.
 
-    Used as a context manager around each generation; overlapping requests (one generating, one
-    queued behind it) count once. Intervals older than the window are dropped.
+    A1111 serves txt2img one at a time behind its queue lock, in the order they came: it turns to an
+    attempt when it is sent or when the attempt sent before it is answered, whichever is later, and
+    is done with it when it answers. So each attempt is busy from ``max(sent, last answer)`` until its
+    own answer and queued before that; the intervals never overlap (two requests at A1111 at once, one
+    generating and one waiting, count once), and backoff between attempts is no attempt at all.
     """
 
-    def __init__(self, window: float = 60.0) -> None:
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
         self._intervals: deque[tuple[float, float]] = deque()
-        self._open: float | None = None
-        self._depth = 0
+        self._in_flight: dict[int, float] = {}  # id(attempt) -> sent
+        self._last_answer = -math.inf
+        self._closed = 0.0  # busy seconds of the attempts answered so far
+        self._reported = 0.0  # the highest total reported (a counter never goes down)
 
-    def __enter__(self) -> BusyMeter:
-        if self._depth == 0:
-            self._open = time.monotonic()
-        self._depth += 1
-        return self
+    @contextmanager
+    def attempt(self) -> Iterator[Attempt]:
+        """Around one txt2img request; the ``Attempt`` is filled in when it ends (however it ends)."""
+        attempt = Attempt(self.clock())
+        self._in_flight[id(attempt)] = attempt.sent
+        try:
+            yield attempt
+        finally:
+            del self._in_flight[id(attempt)]
+            answered = self.clock()
+            turned = min(answered, max(attempt.sent, self._last_answer))
+            self._last_answer = max(self._last_answer, answered)
+            attempt.queued, attempt.seconds = turned - attempt.sent, answered - turned
+            self._closed += attempt.seconds
+            self._intervals.append((turned, answered))
 
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._open is not None:
-            self._intervals.append((self._open, time.monotonic()))
-            self._open = None
+    def _open(self, now: float) -> tuple[float, float] | None:
+        """The interval A1111 has been on one of our attempts so far, if one is at A1111 now."""
+        if not self._in_flight:
+            return None
+        return min(now, max(min(self._in_flight.values()), self._last_answer)), now
+
+    def total(self, now: float | None = None) -> float:
+        """Busy seconds since the start, the attempt A1111 is on now included."""
+        now = self.clock() if now is None else now
+        current = self._open(now)
+        total = self._closed + (current[1] - current[0] if current else 0.0)
+        self._reported = max(self._reported, total)
+        return self._reported
 
     def fraction(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
+        """Busy seconds over the last ``window`` seconds (or since the start), as a fraction."""
+        now = self.clock() if now is None else now
         since = max(self.started, now - self.window)
         while self._intervals and self._intervals[0][1] < since:
             self._intervals.popleft()
-        busy = sum(min(end, now) - max(start, since) for start, end in self._intervals if end > since)
-        if self._open is not None:
-            busy += now - max(self._open, since)
+        current = self._open(now)
+        intervals: Iterable[tuple[float, float]] = [*self._intervals, current] if current else self._intervals
+        busy = sum(min(end, now) - max(start, since) for start, end in intervals if end > since)
         span = now - since
-        return min(1.0, busy / span) if span > 0 else 0.0
+        return min(1.0, max(0.0, busy / span)) if span > 0 else 0.0
+
+
+class _BusySeconds(Collector):
+    """``sidecar_a1111_busy_seconds_total``, read from the meter at each scrape (a generation of ten
+    minutes counts as it goes, not in one step at its end)."""
+
+    def __init__(self, meter: BusyMeter) -> None:
+        self.meter = meter
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "sidecar_a1111_busy_seconds",
+            "Seconds A1111 spent on this worker's txt2img attempts (from turning to one until its "
+            "answer; queueing behind the request ahead and retry backoff excluded)",
+        )
+        family.add_metric([], self.meter.total())
+        yield family
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The worker's metrics. ``generation_timeout`` (SIDECAR_GENERATION_TIMEOUT) sets how far the
+    latency buckets reach; ``storage_codes`` are the storage error codes exported from the start
+    (``sidecar.storage.refusals.ERROR_CODES``: storage may not be imported here), every other code
+    being counted as ``other``."""
+
+    def __init__(
+        self, generation_timeout: float = DEFAULT_DEADLINE, storage_codes: Sequence[str] = ()
+    ) -> None:
         self.registry = CollectorRegistry()
         self.busy = BusyMeter()
-        self.jobs = Counter("sidecar_jobs", "Jobs by outcome", ["outcome"], registry=self.registry)
+        buckets = stage_buckets(generation_timeout)
+        registry = self.registry
+        self.jobs = Counter("sidecar_jobs", "Jobs by outcome", ["outcome"], registry=registry)
         self.stage_seconds = Histogram(
             "sidecar_stage_seconds",
-            "Latency of each stage",
+            "Latency of each stage (generate: one txt2img attempt, from A1111 turning to it until its "
+            "answer; receive: receives that returned messages)",
             ["stage"],
-            buckets=STAGE_BUCKETS,
-            registry=self.registry,
+            buckets=buckets,
+            registry=registry,
         )
-        self.in_flight = Gauge(
-            "sidecar_in_flight", "Jobs in each stage now", ["stage"], registry=self.registry
-        )
+        self.in_flight = Gauge("sidecar_in_flight", "Jobs in each stage now", ["stage"], registry=registry)
         busy = Gauge(
             "sidecar_a1111_busy_fraction",
-            "Fraction of the last minute A1111 spent on this worker's generations",
-            registry=self.registry,
+            "Fraction of the last minute A1111 spent on this worker's generations (GPU time only)",
+            registry=registry,
         )
         busy.set_function(self.busy.fraction)
-        self.ready = Gauge(
-            "sidecar_ready", "1 when A1111 is warm and storage answers", registry=self.registry
+        registry.register(_BusySeconds(self.busy))
+        self.queued_seconds = Histogram(
+            "sidecar_a1111_queued_seconds",
+            "Seconds a txt2img request waited at A1111's queue lock behind the request ahead",
+            buckets=buckets,
+            registry=registry,
         )
-        self.images = Counter("sidecar_images", "Images stored", registry=self.registry)
+        self.upload_slot_wait = Histogram(
+            "sidecar_upload_slot_wait_seconds",
+            "Seconds a finished generation waited for an upload slot (SIDECAR_UPLOAD_CONCURRENCY)",
+            buckets=buckets,
+            registry=registry,
+        )
+        self.a1111_errors = Counter(
+            "sidecar_a1111_errors",
+            "txt2img attempts that failed, by A1111's status (or timeout, unreachable)",
+            ["status"],
+            registry=registry,
+        )
+        self.storage_codes = frozenset([*storage_codes, "other"])
+        self.storage_errors = Counter(
+            "sidecar_storage_errors",
+            "Failed storage requests (each try), by Azure's error code (or unreachable, timeout, throttled)",
+            ["code"],
+            registry=registry,
+        )
+        self.receives = Counter(
+            "sidecar_receives",
+            "Queue receives, by whether they returned messages",
+            ["result"],
+            registry=registry,
+        )
+        self.job_age = Histogram(
+            "sidecar_job_age_seconds",
+            "Seconds since the job's message was enqueued (its insertion time), at fetch and when done",
+            ["at"],
+            buckets=AGE_BUCKETS,
+            registry=registry,
+        )
+        build = Gauge(
+            "sidecar_build_info", "The worker's version and Python", ["version", "python"], registry=registry
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+        self.ready = Gauge("sidecar_ready", "1 when A1111 is warm and storage answers", registry=registry)
+        self.images = Counter("sidecar_images", "Images stored", registry=registry)
         self.discarded = Counter(
             "sidecar_generations_discarded",
             "Generations thrown away unstored because an interrupt may have cut them short",
-            registry=self.registry,
+            registry=registry,
         )
         self.credential_expiry = Gauge(
             "sidecar_credential_expiry_seconds",
             "Seconds until the storage SAS expires (absent with an account key or Azure AD)",
-            registry=self.registry,
+            registry=registry,
         )
+        # Every label value at 0 from the start: rate() and increase() see the first failure.
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for stage in ("generate", "upload"):
+            self.in_flight.labels(stage)
+        for status in A1111_ERROR_STATUSES:
+            self.a1111_errors.labels(status)
+        for code in sorted(self.storage_codes):
+            self.storage_errors.labels(code)
+        for result in RECEIVE_RESULTS:
+            self.receives.labels(result)
+        for at in JOB_AGE_AT:
+            self.job_age.labels(at)
         # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
-        ProcessCollector(registry=self.registry)
+        ProcessCollector(registry=registry)
+
+    @contextmanager
+    def a1111_attempt(self) -> Iterator[Attempt]:
+        """Around one txt2img request: its queueing and its GPU time (an attempt that failed took
+        A1111's time too, so the generate stage's sum is the busy seconds), and its error if any."""
+        try:
+            with self.busy.attempt() as attempt:
+                yield attempt
+        except BaseException as error:
+            self.a1111_error(error)
+            raise
+        finally:
+            self.queued_seconds.observe(attempt.queued)
+            self.stage_seconds.labels("generate").observe(attempt.seconds)
+
+    def a1111_error(self, error: BaseException) -> None:
+        status = a1111_error_status(error)
+        if status is not None:
+            self.a1111_errors.labels(status).inc()
+
+    def storage_error(self, code: str) -> None:
+        """One failed storage request; a code outside the known set counts as ``other``."""
+        self.storage_errors.labels(code if code in self.storage_codes else "other").inc()
+
+    def received(self, seconds: float, messages: int) -> None:
+        """One receive: timed as a stage only when it returned messages (an empty poll is no work)."""
+        self.receives.labels("messages" if messages else "empty").inc()
+        if messages:
+            self.stage_seconds.labels("receive").observe(seconds)
+
+    def aged(self, at: str, inserted_on: float | None, now: float | None = None) -> None:
+        """A job's age at ``at`` (fetch, done): now minus its message's insertion time (epoch s)."""
+        if inserted_on is None:
+            return
+        now = time.time() if now is None else now
+        self.job_age.labels(at).observe(max(0.0, now - inserted_on))
 
     def totals(self) -> dict[str, float]:
         """Images and jobs by outcome so far, for the periodic summary line."""
@@ -133,4 +335,4 @@ class Metrics:
             yield
 
 
-__all__ = ["BusyMeter", "Metrics"]
+__all__ = ["Attempt", "BusyMeter", "Metrics", "a1111_error_status", "stage_buckets"]

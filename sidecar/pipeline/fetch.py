@@ -111,8 +111,9 @@ class Fetcher:
         """Receive up to ``room`` messages; poison the invalid ones. None when the queues were empty."""
         room = min(room, self.pipeline.max_receive)
         for queue in self.poller.due():
-            with self.metrics.stage("receive"):
-                messages = await self.stop.guard(self.storage.receive(queue, room, self.lease.visibility))
+            began = time.monotonic()
+            messages = await self.stop.guard(self.storage.receive(queue, room, self.lease.visibility))
+            self.metrics.received(time.monotonic() - began, len(messages))
             if messages:
                 self.poller.found(queue)
                 break
@@ -121,6 +122,7 @@ class Fetcher:
             return None
         batch = []
         for message in messages:
+            self.metrics.aged("fetch", message.inserted_on)
             lease = Lease(self.storage, message, self.lease, on_refused=self.stop.abort)
             self.book.held.add(lease)
             try:

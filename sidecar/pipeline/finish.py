@@ -18,6 +18,7 @@ import pybase64
 
 from sidecar import __version__
 from sidecar.a1111 import Generation
+from sidecar.backoff import retry_log_extra
 from sidecar.errors import A1111ServerError, FatalError, SidecarError, TransientError, Unexpected
 from sidecar.observability import Metrics
 from sidecar.pipeline.book import Book, Held
@@ -52,7 +53,9 @@ class Finisher:
 
     async def start(self, held: Held, generation: Generation) -> None:
         """Finish the job in the background once an upload slot is free (waits for one)."""
+        waiting = time.monotonic()
         await self._slots.acquire()
+        self.metrics.upload_slot_wait.observe(time.monotonic() - waiting)
         self.book.track(asyncio.create_task(self._in_slot(held, generation), name=f"finish-{held.job.id}"))
 
     async def wait(self) -> None:
@@ -67,7 +70,8 @@ class Finisher:
 
     async def _in_slot(self, held: Held, generation: Generation) -> None:
         try:
-            await self.finish(held, generation)
+            with retry_log_extra(job_id=held.job.id):
+                await self.finish(held, generation)
         except FatalError:
             pass  # already told to the stop (Stop.abort), which releases the message on the way out
         finally:

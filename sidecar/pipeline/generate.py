@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sidecar.a1111 import Generation
-from sidecar.backoff import call_with_retries
+from sidecar.backoff import call_with_retries, retry_log_extra
 from sidecar.errors import (
     A1111CutShort,
     A1111ServerError,
@@ -103,7 +103,7 @@ class Generator:
         job = held.job
         self.metrics.in_flight.labels("generate").inc()
         try:
-            with self.metrics.stage("generate"), self.metrics.busy:
+            with retry_log_extra(job_id=job.id):
                 generation = await self._with_retries(job, ahead)
         except (TransientError, PermanentError) as error:
             await self.settler.fail(held, error)
@@ -149,7 +149,7 @@ class Generator:
                 return await call_with_retries(
                     self.retry,
                     A1111ServerError,
-                    functools.partial(self.a1111.txt2img, payload, policy.timeout, after=ahead),
+                    functools.partial(self._attempt, payload, ahead),
                     attempts=policy.attempts,
                 )
             except A1111CutShort as error:
@@ -159,3 +159,10 @@ class Generator:
                 self.metrics.discarded.inc()
                 ahead = None  # what it waited behind is over
         raise AssertionError("unreachable")
+
+    async def _attempt(
+        self, payload: dict[str, Any], ahead: asyncio.Task[Generation | None] | None
+    ) -> Generation:
+        """One txt2img request, metered: its wait at A1111's queue lock, its GPU time, its error."""
+        with self.metrics.a1111_attempt():
+            return await self.a1111.txt2img(payload, self.policy.timeout, after=ahead)

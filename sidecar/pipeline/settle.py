@@ -64,7 +64,8 @@ class Settler:
     async def outcome(self, outcome: str, lease: Lease, action: Coroutine[Any, Any, bool]) -> str:
         """Settle a message (delete, release or poison) and count what happened to it."""
         try:
-            ours = await self.stop.guard(action)
+            with self.metrics.stage("settle"):
+                ours = await self.stop.guard(action)
         except TransientError as error:
             # Storage is away beyond the retry budget: the message comes back when its lease runs out.
             log.warning("could not settle %s: %s", lease.message.id, error, extra={"error": error.kind})
@@ -93,6 +94,7 @@ class Settler:
             log.warning("blobs stored, but the message is not ours to delete", extra={"job_id": job.id})
             return
         self.metrics.images.inc(len(names))
+        self.metrics.aged("done", held.lease.message.inserted_on)
         log.info("job done", extra={"job_id": job.id, "stage": "done", "images": len(names), **timings})
         await self.forget_failure(held.lease.message)
         await self.notify(job.id, "succeeded", [*names, f"{job.id}/job.json"], seeds, timings)

@@ -15,8 +15,8 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
 from sidecar.backoff import call_with_retries
-from sidecar.errors import StorageUnavailable
-from sidecar.storage.refusals import classify
+from sidecar.errors import SidecarError, StorageUnavailable
+from sidecar.storage.refusals import classify, error_label
 from sidecar.storage.settings import StorageSettings
 
 T = TypeVar("T")
@@ -29,13 +29,15 @@ LAST_TRY_TIMEOUT = 0.5  # the one try a call gets after the deadline (a release 
 
 @dataclass
 class Message:
-    """A held queue message. ``pop_receipt`` changes with every renewal."""
+    """A held queue message. ``pop_receipt`` changes with every renewal. ``inserted_on``: when it was
+    enqueued (Azure's insertion time, seconds since the epoch; None when unknown)."""
 
     queue: str
     id: str
     pop_receipt: str
     dequeue_count: int
     content: str
+    inserted_on: float | None = None
 
 
 class StorageCore:
@@ -49,6 +51,8 @@ class StorageCore:
         self._blobs = blobs
         self._queue_clients: dict[str, QueueClient] = {}
         self.answering = False  # did the last call reach storage? (for /readyz)
+        # Told the code (``refusals.error_label``) of every failed try: the worker's metrics.
+        self.on_error: Callable[[str], None] | None = None
         self.account = str(queues.account_name or blobs.account_name or "")
         # Once set (monotonic clock; SIGTERM sets it to the end of the grace period), every call ends
         # by then: its retries and each try's timeout are cut to fit, and a call made later gets one
@@ -79,6 +83,8 @@ class StorageCore:
             except Exception as error:
                 mapped = classify(error, message_op=message_op, account=self.account, operation=what)
                 self.answering = not isinstance(mapped, StorageUnavailable)
+                if self.on_error is not None and not isinstance(error, SidecarError):
+                    self.on_error(error_label(error, mapped))
                 if mapped is error:
                     raise
                 raise mapped from None

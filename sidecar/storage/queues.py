@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 from xml.etree import ElementTree
@@ -27,6 +28,16 @@ MAX_QUEUE_MESSAGE_BYTES = 64 * 1024
 NEVER_EXPIRES = -1  # time_to_live of every message the project sends: Azure's default is 7 days
 
 
+def insertion_time(text: str | None) -> float | None:
+    """A message's ``InsertionTime`` (RFC 1123: ``Fri, 09 Oct 2009 21:04:30 GMT``) as epoch seconds."""
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 class QueueOperations(StorageCore):
     async def receive(self, queue: str, count: int, visibility: int) -> list[Message]:
         client = self.queue(queue)
@@ -41,6 +52,7 @@ class QueueOperations(StorageCore):
                     item.findtext("PopReceipt") or "",
                     int(item.findtext("DequeueCount") or 0),
                     item.findtext("MessageText") or "",
+                    insertion_time(item.findtext("InsertionTime")),
                 )
                 for item in ElementTree.fromstring(response.content).iter("QueueMessage")
             ]

@@ -44,6 +44,38 @@ HINTS = {
 }
 
 
+# sidecar_storage_errors_total{code}: the codes classify() tells apart, and what a try that got no
+# answer (unreachable, timeout) or was turned away for load (throttled) met; any other code is "other".
+ERROR_CODES = (
+    *sorted({*HINTS, *MAY_NOT_CREATE, "PopReceiptMismatch", "MessageNotFound", "InvalidHeaderValue"}),
+    "unreachable",
+    "timeout",
+    "throttled",
+    "other",
+)
+_THROTTLED = {"ServerBusy"}
+
+
+def error_label(error: BaseException, mapped: BaseException | None = None) -> str:
+    """The ``code`` label of a failed storage try: Azure's error code when it is one of
+    ``ERROR_CODES``, else what happened (throttled: 429 or 503 ServerBusy; timeout: 408, 500
+    OperationTimedOut or no answer in time; unreachable: no answer), else ``other``."""
+    mapped = classify(error) if mapped is None else mapped
+    if isinstance(mapped, StorageRefused):
+        code = mapped.code
+    elif isinstance(error, HttpResponseError) and error.status_code:
+        code = error_code(error)
+        if code == "OperationTimedOut" or error.status_code == 408:
+            return "timeout"
+        if code in _THROTTLED or error.status_code in (429, 503):
+            return "throttled"
+    elif isinstance(mapped, StorageUnavailable):
+        return "timeout" if transport_reason(error) == "no answer before the timeout" else "unreachable"
+    else:
+        return "other"
+    return code if code in ERROR_CODES else "other"
+
+
 def classify(
     error: BaseException, *, message_op: bool = False, account: str = "", operation: str = "a request"
 ) -> BaseException:
