@@ -47,7 +47,8 @@ class Settings:
     hang_next: int = 0
     crash_after: int | None = None
     crash_on_prompt: str | None = None
-    model_switch_seconds: float = 0.0  # loading another checkpoint (an override, hr_checkpoint_name)
+    model_load_seconds: float = 0.0  # loading another checkpoint (an override, hr_checkpoint_name)
+    lora_seconds: float = 0.0  # applying a changed LoRA set (names and weights) to the weights
     download_seconds: float = 10.0  # one try to fetch missing weights (face restoration, an upscaler)
     downloads: str = "fail"  # "fail" (offline, as recorded) or "succeed" (the weights land on disk)
     models_dir: str = "/stable-diffusion-webui/models"
@@ -89,6 +90,7 @@ class StandIn:
         """The files and options of a fresh start (the first checkpoint loaded)."""
         self.assets = self.settings.new_store()
         self.loaded = next(a for a in self.assets.listed["checkpoint"].values() if isinstance(a, Checkpoint))
+        self.applied_loras: tuple[str, ...] = ()
         self.options: dict[str, Any] = dict(OPTIONS)
         self.options.update(sd_model_checkpoint=self.loaded.title, sd_checkpoint_hash=self.loaded.sha256)
 
@@ -140,6 +142,7 @@ class StandIn:
             if plan.missing_loras:
                 log.warning("Lora not found: %s", ", ".join(plan.missing_loras))
             await self.load_model(plan.model)
+            await self.apply_loras(plan.lora_set)
             self.state.job_count = plan.req.n_iter or 1
             if plan.hires_size:
                 self.state.job_count *= 2
@@ -208,9 +211,18 @@ class StandIn:
     async def load_model(self, model: Checkpoint) -> None:
         if model != self.loaded:
             self.stats.model_switches += 1
-            await asyncio.sleep(self.settings.model_switch_seconds)
+            await asyncio.sleep(self.settings.model_load_seconds)
             self.loaded = model
+            self.applied_loras = ()  # fresh weights
             self.options["sd_checkpoint_hash"] = model.sha256
+
+    async def apply_loras(self, loras: tuple[str, ...]) -> None:
+        """networks.network_apply_weights: the weights are restored and the LoRAs applied again when
+        the set (names and weights) differs from the one applied; the same set costs nothing."""
+        if loras != self.applied_loras:
+            self.stats.lora_changes += 1
+            await asyncio.sleep(self.settings.lora_seconds)
+            self.applied_loras = loras
 
     def finish(
         self,

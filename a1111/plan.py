@@ -34,6 +34,7 @@ class Plan:
     face_model: str
     loras: list[Lora] = field(default_factory=list)
     missing_loras: list[str] = field(default_factory=list)
+    lora_set: tuple[str, ...] = ()  # the found LoRAs' tags ("name:weight"): what is applied
     hr_model: Checkpoint | None = None
     hr_upscaler: Upscaler | None = None
     hr_sampler_error: str | None = None  # create_sampler's assertion, raised at the hires pass

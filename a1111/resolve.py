@@ -34,6 +34,16 @@ def lora_names(prompt: str) -> list[str]:
     return [args.split(":")[0] for kind, args in EXTRA_NETWORK.findall(prompt) if kind in ("lora", "lyco")]
 
 
+def lora_tags(prompt: str) -> list[tuple[str, str]]:
+    """(name, the tag's arguments) of each LoRA tag: the name and the weights, as the Lora extension
+    compares what it has applied with what a job wants."""
+    return [
+        (args.split(":")[0], args.strip())
+        for kind, args in EXTRA_NETWORK.findall(prompt)
+        if kind in ("lora", "lyco")
+    ]
+
+
 def fixed_seed(seed: int | None) -> int:
     """processing.get_fixed_seed: -1 (or nothing) means a random seed."""
     return random.randrange(4294967294) if seed is None or seed == -1 else seed
@@ -110,6 +120,8 @@ def build_plan(req: Txt2ImgRequest, assets: AssetStore, options: dict[str, Any],
             plan.missing_loras.append(name)
         else:
             plan.loras.append(lora)
+    found = {name for lora in plan.loras for name in (lora.name, lora.alias) if name}
+    plan.lora_set = tuple(sorted({args for name, args in lora_tags(prompt) if name in found}))
     hashes = {lora_tag(lora, mentioned): lora.sha256[:12] for lora in plan.loras if lora.sha256}
     if hashes:
         plan.extra["Lora hashes"] = ", ".join(f"{name}: {sha}" for name, sha in hashes.items())

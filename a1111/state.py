@@ -34,7 +34,8 @@ class Stats:
     details: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50_000))
     count: int = 0
     received: deque[Any] = field(default_factory=lambda: deque(maxlen=1000))
-    model_switches: int = 0  # checkpoints loaded in place of another (each costs model_switch_seconds)
+    model_switches: int = 0  # checkpoints loaded in place of another (each costs model_load_seconds)
+    lora_changes: int = 0  # LoRA sets applied in place of another (each costs lora_seconds)
 
     def record(
         self,
@@ -92,6 +93,7 @@ class Stats:
             "generations_detail": list(self.details),
             "received": list(self.received),
             "model_switches": self.model_switches,
+            "lora_changes": self.lora_changes,
         }
 
 

@@ -25,7 +25,7 @@ from sidecar.prompts import LORAS as GENERATED_LORAS
 ROOT = Path(__file__).resolve().parents[1]
 TXT2IMG = "/sdapi/v1/txt2img"
 SECONDS_PER_IMAGE = 0.05
-FLAGS = ["--download-seconds", "0.3", "--model-switch-seconds", "0.3", "--style", "noir=film noir, {prompt}"]
+FLAGS = ["--download-seconds", "0.3", "--model-load-seconds", "0.3", "--style", "noir=film noir, {prompt}"]
 
 
 def start(*flags: str) -> Standin:
