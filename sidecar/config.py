@@ -73,7 +73,10 @@ class Settings(BaseSettings):
     container_name: str = "images"
     max_dequeue_count: int = Field(default=5, ge=1, le=1000)
     visibility_timeout: int = Field(default=60, ge=2, le=7 * 24 * 3600)
-    prefetch: int = Field(default=1, ge=0, le=32)
+    prefetch: int = Field(default=1, ge=0, le=256)
+    # Seconds a held job may be passed over for jobs that keep A1111's checkpoint and LoRAs (0: no
+    # reordering); see sidecar.pipeline.affinity.
+    affinity_max_wait: float = Field(default=30.0, ge=0, le=3600)
     http_port: int = Field(default=8000, ge=0, le=65535)
     shutdown_grace: float = Field(default=30.0, ge=0)
 

@@ -120,16 +120,24 @@ class GenerationPolicy:
 @dataclass(frozen=True)
 class PipelinePolicy:
     """``prefetch`` jobs waiting (0: the strict sequential loop), ``upload_concurrency`` jobs uploading,
-    ``shutdown_grace`` seconds to finish after a signal, ``max_receive`` messages per receive."""
+    ``shutdown_grace`` seconds to finish after a signal, ``max_receive`` messages per receive; a job
+    waiting may be passed over for ``affinity_max_wait`` seconds by jobs that keep A1111's checkpoint
+    and LoRAs (0: handed out in fetch order; ``sidecar.pipeline.affinity``)."""
 
     prefetch: int = 1
     upload_concurrency: int = 4
     shutdown_grace: float = 30.0
     max_receive: int = 32  # Azure's cap on messages per receive
+    affinity_max_wait: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelinePolicy:
-        return cls(settings.prefetch, settings.upload_concurrency, settings.shutdown_grace)
+        return cls(
+            settings.prefetch,
+            settings.upload_concurrency,
+            settings.shutdown_grace,
+            affinity_max_wait=settings.affinity_max_wait,
+        )
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 Like the Azure Functions queue trigger, a queue found empty is polled less and less often (the
 interval doubles from SIDECAR_POLL_INTERVAL_MIN up to SIDECAR_POLL_INTERVAL_MAX); one that had
 messages is polled again at once. The starting queue rotates so that no shard starves another.
+
+Shards per model (one queue per checkpoint family, ``enqueue --route-by-checkpoint``): the poller
+learns which shard carries which checkpoint (``carried``) and, told the checkpoint A1111 has loaded
+(``prefer``), polls that shard first, for at most ``prefer_for`` seconds in a row
+(SIDECAR_AFFINITY_MAX_WAIT) before going back to the fair rotation; once the shard is found empty it
+backs off like any other and the others are polled as before.
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ class Poller:
         min_interval: float,
         max_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        prefer_for: float = 0.0,
     ) -> None:
         self.queues = list(queues)
+        self.prefer_for = prefer_for
+        self.preferred: str | None = None
+        self._preferred_since = 0.0
+        self._home: dict[str | None, str] = {}  # checkpoint -> the shard it last came from
         self.min_interval = min_interval
         self.max_interval = max_interval
         self.clock = clock
@@ -31,15 +42,36 @@ class Poller:
         self._start = 0
 
     @classmethod
-    def from_policy(cls, policy: PollingPolicy, clock: Callable[[], float] = time.monotonic) -> Poller:
-        return cls(list(policy.queues), policy.min_interval, policy.max_interval, clock)
+    def from_policy(
+        cls, policy: PollingPolicy, clock: Callable[[], float] = time.monotonic, *, prefer_for: float = 0.0
+    ) -> Poller:
+        return cls(list(policy.queues), policy.min_interval, policy.max_interval, clock, prefer_for)
 
     def due(self) -> list[str]:
-        """Queues to poll now, starting one further along each time."""
+        """Queues to poll now, starting one further along each time; the preferred shard first while
+        its preference lasts."""
         now = self.clock()
         order = self.queues[self._start :] + self.queues[: self._start]
         self._start = (self._start + 1) % len(self.queues)
-        return [queue for queue in order if self._next[queue] <= now]
+        due = [queue for queue in order if self._next[queue] <= now]
+        preferred = self.preferred
+        if preferred in due and now - self._preferred_since < self.prefer_for:
+            due.remove(preferred)
+            due.insert(0, preferred)
+        return due
+
+    def carried(self, queue: str, checkpoints: list[str | None]) -> None:
+        """Jobs for these checkpoints came from ``queue``."""
+        if len(self.queues) > 1:
+            for checkpoint in checkpoints:
+                self._home[checkpoint] = queue
+
+    def prefer(self, checkpoint: str | None) -> None:
+        """A1111 has ``checkpoint`` loaded: prefer the shard its jobs came from (a new preference
+        starts its ``prefer_for`` seconds)."""
+        queue = self._home.get(checkpoint)
+        if queue != self.preferred:
+            self.preferred, self._preferred_since = queue, self.clock()
 
     def found(self, queue: str) -> None:
         self._interval[queue] = 0.0

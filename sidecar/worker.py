@@ -26,6 +26,7 @@ from collections import Counter
 from sidecar.errors import A1111Unavailable, FatalError, SidecarError
 from sidecar.observability import Metrics
 from sidecar.pipeline.book import Book, Held
+from sidecar.pipeline.affinity import Window
 from sidecar.pipeline.fetch import Fetcher
 from sidecar.pipeline.finish import Finisher
 from sidecar.pipeline.generate import Generator
@@ -58,8 +59,10 @@ class Worker:
             storage, self.book, self.stop, metrics, policies.tries, policies.reporting, policies.run.max_jobs
         )
         self.fetcher = Fetcher(
+        # Jobs wait in ``ready`` between fetching and generating, handed out by model affinity.
+        self._ready = Window(policies.pipeline.affinity_max_wait)
             storage,
-            Poller.from_policy(policies.polling),
+            Poller.from_policy(policies.polling, prefer_for=policies.pipeline.affinity_max_wait),
             self.book,
             self.settler,
             self.stop,
@@ -89,7 +92,6 @@ class Worker:
             upload_concurrency=policies.pipeline.upload_concurrency,
             reporting=policies.reporting,
         )
-        self._ready: asyncio.Queue[Held | None] = asyncio.Queue()
 
     # -- what stops it, from outside -------------------------------------------------------------
 
@@ -150,6 +152,16 @@ class Worker:
             aborted.cancel()
             await self._release_all()
         if stop.error is not None:
+        if self.policies.pipeline.prefetch > 0:
+            window = self._ready
+            log.info(
+                "affinity",
+                extra={
+                    "stage": "stop",
+                    "model_switches": window.switches,
+                    "passed_over_max_s": round(window.passed_over_max, 3),
+                },
+            )
             log.error("stopping: %s", stop.error, extra={"stage": "stop", "error": stop.error.kind})
         elif stop.reason is StopReason.DRAINED:
             await self._report_invisible()

@@ -96,10 +96,10 @@ def test_bad_setting_stops_the_process_with_one_line_and_no_secret() -> None:
 
 def test_every_bad_value_is_reported_at_once_on_one_line() -> None:
     with pytest.raises(ConfigError) as refused:
-        load_settings({"storage_connection_string": SECRET, "prefetch": "99", "max_steps": "lots"})
+        load_settings({"storage_connection_string": SECRET, "prefetch": "999", "max_steps": "lots"})
     line = str(refused.value)
     assert "\n" not in line
-    assert "SIDECAR_PREFETCH: Input should be less than or equal to 32 (got '99')" in line
+    assert "SIDECAR_PREFETCH: Input should be less than or equal to 256 (got '999')" in line
     assert "SIDECAR_MAX_STEPS: Input should be a valid integer" in line
 
 

@@ -19,6 +19,7 @@ class Held:
     lease: Lease
     job: Job
     fetched_at: float = field(default_factory=time.time)
+    passed_over_s: float = 0.0  # how long jobs fetched after it went first (sidecar.pipeline.affinity)
 
 
 class Book:

@@ -26,6 +26,7 @@ from sidecar.errors import (
 from sidecar.jobs import Job, Limits, parse_job
 from sidecar.lease import Lease
 from sidecar.observability import Metrics
+from sidecar.pipeline.affinity import Window, affinity_of
 from sidecar.pipeline.book import Book, Held
 from sidecar.pipeline.ports import Assets, Store
 from sidecar.pipeline.settle import Settler
@@ -81,6 +82,8 @@ class Fetcher:
                 wake.clear()
                 await wake.wait()
                 continue
+            if isinstance(ready, Window):
+                self.poller.prefer(ready.loaded.checkpoint)  # sharded per model: its shard first
             batch = await self.next_batch(room)
             if batch is None:
                 return
@@ -135,6 +138,7 @@ class Fetcher:
                 continue
             if held is not None:
                 batch.append(held)
+        self.poller.carried(queue, [affinity_of(held.job).checkpoint for held in batch])
         return batch
 
     async def _admit(self, message: Message, lease: Lease) -> Held | None:

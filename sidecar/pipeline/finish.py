@@ -104,6 +104,7 @@ class Finisher:
                     "queued_s": round(max(0.0, generation.started - held.fetched_at), 4),
                     "generate_s": round(generation.seconds, 4),
                     "upload_s": round(time.time() - started, 4),
+                    "passed_over_s": held.passed_over_s,
                 }
                 record = self.record(held, generation, names, timings)
                 await self.stop.guard(self.storage.upload(f"{job.id}/job.json", record, JSON))
