@@ -58,9 +58,9 @@ class Worker:
         self.settler = Settler(
             storage, self.book, self.stop, metrics, policies.tries, policies.reporting, policies.run.max_jobs
         )
-        self.fetcher = Fetcher(
         # Jobs wait in ``ready`` between fetching and generating, handed out by model affinity.
         self._ready = Window(policies.pipeline.affinity_max_wait)
+        self.fetcher = Fetcher(
             storage,
             Poller.from_policy(policies.polling, prefer_for=policies.pipeline.affinity_max_wait),
             self.book,
@@ -151,7 +151,6 @@ class Worker:
             signalled.cancel()
             aborted.cancel()
             await self._release_all()
-        if stop.error is not None:
         if self.policies.pipeline.prefetch > 0:
             window = self._ready
             log.info(
@@ -162,6 +161,7 @@ class Worker:
                     "passed_over_max_s": round(window.passed_over_max, 3),
                 },
             )
+        if stop.error is not None:
             log.error("stopping: %s", stop.error, extra={"stage": "stop", "error": stop.error.kind})
         elif stop.reason is StopReason.DRAINED:
             await self._report_invisible()
