@@ -8,20 +8,21 @@ PY := $(VENV)/bin/python
 .PHONY: setup demo test lint bench clean promtool
 
 # promtool (Debian's prometheus package) checks /metrics and the alert rules; setup installs it where
-# it can (root with apt-get: CI, containers), elsewhere `make promtool` says how and the tests that need
-# it skip unless CI=true.
-CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo yes)
+# it can (apt-get as root, or with sudo that asks no password: CI runners, containers), elsewhere
+# `make promtool` says how and the tests that need it skip unless CI=true.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CAN_APT := $(shell command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; } && echo yes)
 
 setup: $(VENV)/.installed node_modules/.installed $(if $(CAN_APT),promtool)
 
 promtool:
 	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
-	      { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	  if [ -n "$(CAN_APT)" ]; then \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	      { $(SUDO) apt-get update -qq && \
+	        $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
 	  else \
-	    echo "promtool is missing: install Debian's prometheus package (sudo apt-get install prometheus)" >&2; \
+	    echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)" >&2; \
 	    exit 1; \
 	  fi; }
 	@promtool --version 2>&1 | head -1
