@@ -242,9 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-ms", type=float, default=40.0, help="round trip added to storage requests")
     bench.add_argument("--bandwidth-mbit", type=float, default=25.0, help="shared uplink; 0 = unlimited")
     bench.add_argument("--prefetch", type=int, default=1, help="SIDECAR_PREFETCH of the pipelined mode")
-    bench.add_argument("--modes", default="sequential,pipelined", help="sequential and/or pipelined")
+    bench.add_argument(
+        "--modes", default="sequential,pipelined", help="sequential, pipelined and/or queue-order"
+    )
     bench.add_argument("--report", default="bench-report", help="folder for the report, chart and logs")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generated jobs")
+    bench.add_argument(
+        "--models",
+        type=int,
+        default=0,
+        metavar="K",
+        help="mixed workload: each job's checkpoint drawn at random from K installed in the stand-in",
+    )
+    bench.add_argument(
+        "--model-load-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="with --models: the stand-in's seconds per checkpoint load (assumed: 3 s, SD 1.5, local SSD)",
+    )
+    bench.add_argument(
+        "--affinity-max-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SIDECAR_AFFINITY_MAX_WAIT of the pipelined mode (default: the worker's); queue-order uses 0",
+    )
+    bench.add_argument(
+        "--a1111-url",
+        default=None,
+        metavar="URL",
+        help="a real A1111 instead of the stand-in (busy and model switches then from the worker's log)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     demo = commands.add_parser("demo", help="Azurite + stand-in A1111 + the worker over sample jobs")

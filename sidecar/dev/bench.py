@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -54,6 +56,22 @@ async def _prime(a1111: Standin, scenario: Scenario) -> None:
             (await http.post("/sdapi/v1/txt2img", json=body)).raise_for_status()
 
 
+@contextlib.asynccontextmanager
+async def _a1111(scenario: Scenario) -> AsyncIterator[Standin | str]:
+    """The stand-in (with --models, that many checkpoints installed, each load costing
+    --model-load-seconds), or the real A1111's URL (--a1111-url), left as it is."""
+    if scenario.a1111_url:
+        yield scenario.a1111_url
+        return
+    extra: list[str] = []
+    if scenario.models:
+        extra = ["--checkpoints", ",".join(scenario.checkpoints())]
+        extra += ["--model-load-seconds", f"{scenario.model_load_seconds:g}"]
+    async with standin(scenario.seconds_per_image, extra) as a1111:
+        await _prime(a1111, scenario)
+        yield a1111
+
+
 async def bench(scenario: Scenario) -> int:
     scenario.report.mkdir(parents=True, exist_ok=True)
     print(
@@ -63,8 +81,7 @@ async def bench(scenario: Scenario) -> int:
         file=sys.stderr,
     )
     runs: list[ModeRun] = []
-    async with azurite() as server, standin(scenario.seconds_per_image) as a1111:
-        await _prime(a1111, scenario)
+    async with azurite() as server, _a1111(scenario) as a1111:
         for mode in scenario.modes:
             run = await run_mode(scenario, mode, server, a1111)
             runs.append(run)
@@ -83,6 +100,19 @@ async def bench(scenario: Scenario) -> int:
         }
         print(json.dumps(speedup), flush=True)
         lines.append(json.dumps(speedup))
+    if {"pipelined", "queue-order"} <= by_mode.keys():
+        ordered = by_mode["queue-order"].summary["images_per_s"]
+        gain = {
+            "affinity_gain": round(by_mode["pipelined"].summary["images_per_s"] / ordered, 3)
+            if ordered
+            else None,
+            "model_switches": {
+                mode: by_mode[mode].summary["model_switches"] for mode in ("pipelined", "queue-order")
+            },
+            **scenario.describe(),
+        }
+        print(json.dumps(gain), flush=True)
+        lines.append(json.dumps(gain))
     write_report(scenario, runs, lines)
     print(f"bench: report in {scenario.report / 'README.md'}", file=sys.stderr)
     return 0 if all(run.summary["verified"] for run in runs) else 1

@@ -52,6 +52,17 @@ def in_window(
     return sorted(found)
 
 
+def worker_generations(done: Sequence[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """(start, end, images) of each job's generation from its ``job done`` line (ts is its end of
+    storing; the generation ended upload_s before it)."""
+    found = []
+    for entry in done:
+        if "ts" in entry and "generate_s" in entry:
+            end = log_time(entry["ts"]) - float(entry.get("upload_s", 0.0))
+            found.append((end - float(entry["generate_s"]), end, int(entry.get("images", 0))))
+    return found
+
+
 def busy_seconds(generations: Sequence[tuple[float, float, int]], start: float, end: float) -> float:
     return sum(max(0.0, min(g_end, end) - max(g_start, start)) for g_start, g_end, _ in generations)
 
@@ -113,15 +124,22 @@ def summarise(
     scenario: Scenario,
     mode: str,
     measured: Measured,
-    stats: dict[str, Any],
+    stats: dict[str, Any] | None,
     log: list[dict[str, Any]],
     checks: dict[str, Any],
     link: Link,
 ) -> ModeRun:
     t0, t1 = measured.ready, measured.exited
     wall = t1 - t0
-    generations = in_window(stats.get("generations", []), t0, t1)
     done = [entry for entry in log if entry.get("msg") == "job done"]
+    # A real A1111 (--a1111-url) keeps no record: its generations are the worker's own, each from the
+    # moment A1111 turned to the request to its answer (generate_s), and its switches the worker's count.
+    generations = in_window(
+        stats.get("generations", []) if stats is not None else worker_generations(done), t0, t1
+    )
+    affinity: dict[str, Any] = next((e for e in reversed(log) if e.get("msg") == "affinity"), {})
+    switches = stats.get("model_switches") if stats is not None else affinity.get("model_switches")
+    passed = [float(e.get("passed_over_s", 0.0)) for e in done]
     images = sum(int(entry.get("images", 0)) for entry in done)
     gap_list = [g * 1000 for g in gaps(generations)]
 
@@ -165,6 +183,10 @@ def summarise(
         "rss_mb_at_half": _r(rss_half, 1),
         "rss_mb_at_end": _r(rss_end, 1),
         "uplink_busy_fraction": round(link.busy_seconds / wall, 4) if link.bits_per_second > 0 else None,
+        "model_switches": switches,
+        "busy_from": "stand-in" if stats is not None else "worker",
+        "passed_over_s_p99": _r(percentile(passed, 99), 2),
+        "passed_over_s_max": _r(max(passed, default=None), 2),
         "exit_code": measured.exit_code,
         **checks,
         "verified": verified,

@@ -24,7 +24,7 @@ from sidecar.dev.chart import (
 )
 from sidecar.dev.scenario import ModeRun, Scenario
 
-COLORS = {"sequential": ORANGE, "pipelined": BLUE}
+COLORS = {"sequential": ORANGE, "pipelined": BLUE, "queue-order": GREEN}
 TABLE = (
     ("jobs", "jobs"),
     ("wall_s", "wall (s)"),
@@ -43,6 +43,10 @@ TABLE = (
     ("rss_mb_at_end", "RSS at end (MB)"),
     ("upload_s_p50", "upload p50 (s)"),
     ("uplink_busy_fraction", "uplink busy"),
+    ("model_switches", "checkpoint loads (model switches)"),
+    ("passed_over_s_p99", "passed over p99 (s)"),
+    ("passed_over_s_max", "passed over, longest (s)"),
+    ("busy_from", "GPU busy measured by"),
     ("verified", "verified"),
 )
 
@@ -122,6 +126,14 @@ def write_report(scenario: Scenario, runs: Sequence[ModeRun], lines: Sequence[st
                 f"--prefetch {scenario.prefetch}",
                 f"--modes {','.join(scenario.modes)}",
                 f"--seed {scenario.seed}",
+                *([f"--models {scenario.models}"] if scenario.models else []),
+                *([f"--model-load-seconds {scenario.model_load_seconds:g}"] if scenario.models else []),
+                *(
+                    [f"--affinity-max-wait {scenario.affinity_max_wait:g}"]
+                    if scenario.affinity_max_wait is not None
+                    else []
+                ),
+                *([f"--a1111-url {scenario.a1111_url}"] if scenario.a1111_url else []),
             ]
         ),
         "```",
@@ -137,6 +149,15 @@ def write_report(scenario: Scenario, runs: Sequence[ModeRun], lines: Sequence[st
         "(and one to each new connection) |",
         f"| uplink | {bandwidth}, shared by all connections (blob uploads and queue calls) |",
         f"| pipelined mode | `SIDECAR_PREFETCH={scenario.prefetch}`, other settings at their defaults |",
+        *(
+            [
+                f"| workload | mixed: each job's checkpoint drawn at random from {scenario.models}, "
+                f"{scenario.model_load_seconds:g} s per load; queue-order: `SIDECAR_AFFINITY_MAX_WAIT=0` |"
+            ]
+            if scenario.models
+            else []
+        ),
+        *([f"| A1111 | a real one at {scenario.a1111_url} |"] if scenario.a1111_url else []),
         "",
         "## Results",
         "",
@@ -163,6 +184,12 @@ def write_report(scenario: Scenario, runs: Sequence[ModeRun], lines: Sequence[st
         "*dispatch* (from then until the next generation starts: in sequential mode the upload, the "
         "delete and the next receive; pipelined, waiting for an upload slot or the next job, and the "
         "request).",
+        "- With `--a1111-url` (a real A1111, which keeps no record of its generations) GPU busy is the "
+        "worker's own: each job's `generate_s` (from the moment A1111 turned to the request to its "
+        "answer), and the model switches are the worker's count of checkpoint changes between "
+        "consecutive generations (its `affinity` log line).",
+        "- Passed over: how long a job waited after a job fetched later was sent to A1111 before it "
+        "(model affinity), until its own turn; bounded by `SIDECAR_AFFINITY_MAX_WAIT`.",
         "- CPU = the worker process's user + system time after readiness (from psutil at readiness and "
         "`wait4` at exit) per image; peak RSS from `wait4`; RSS at half/end sampled with psutil.",
         "- The proxy adds half the round trip in each direction, shapes the uplink as one link shared "

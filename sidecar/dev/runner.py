@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from sidecar.dev.devenv import Azurite, Standin, connection_string, free_port, s
 from sidecar.dev.measure import Measured, cpu_seconds, read_log, rss_mb, summarise
 from sidecar.dev.proxy import StorageProxies, storage_proxies
 from sidecar.dev.scenario import BenchError, ModeRun, Scenario
-from sidecar.enqueue import enqueue, generated
+from sidecar.enqueue import Item, enqueue, generated
 from sidecar.storage import Storage
 
 READY_TIMEOUT = 120.0
@@ -40,8 +43,19 @@ def _settings(server: Azurite, mode: str) -> Settings:
     )
 
 
+def _jobs(scenario: Scenario) -> Iterator[Item]:
+    """The benchmark's jobs; with --models, each names a checkpoint drawn at random (seeded)."""
+    rng, names = random.Random(scenario.seed), scenario.checkpoints()
+    for number, text in generated(scenario.jobs, scenario.seed):
+        if names and isinstance(text, str):
+            job = json.loads(text)
+            job["override_settings"] = {"sd_model_checkpoint": rng.choice(names)}
+            text = json.dumps(job)
+        yield number, text
+
+
 def _worker_env(
-    scenario: Scenario, mode: str, proxies: StorageProxies, a1111: Standin, port: int
+    scenario: Scenario, mode: str, proxies: StorageProxies, a1111: Standin | str, port: int
 ) -> dict[str, str]:
     env = {
         key: value
@@ -51,7 +65,7 @@ def _worker_env(
     env.update(
         {
             "SIDECAR_STORAGE_CONNECTION_STRING": connection_string(proxies.blob.port, proxies.queue.port),
-            "SIDECAR_A1111_URL": a1111.url,
+            "SIDECAR_A1111_URL": a1111 if isinstance(a1111, str) else a1111.url,
             "SIDECAR_QUEUE_NAME": f"bench-{mode}",
             "SIDECAR_CONTAINER_NAME": f"bench-{mode}",
             "SIDECAR_PREFETCH": str(scenario.prefetch_of(mode)),
@@ -63,6 +77,9 @@ def _worker_env(
             "SIDECAR_A1111_START_TIMEOUT": "60",
         }
     )
+    affinity = scenario.affinity_of(mode)
+    if affinity is not None:
+        env["SIDECAR_AFFINITY_MAX_WAIT"] = f"{affinity:g}"
     return env
 
 
@@ -147,23 +164,27 @@ async def _verify(storage: Storage, jobs: int) -> dict[str, Any]:
     return {"job_records": records, "queue_left": depths[0], "poisoned": depths[1]}
 
 
-async def run_mode(scenario: Scenario, mode: str, server: Azurite, a1111: Standin) -> ModeRun:
+async def run_mode(scenario: Scenario, mode: str, server: Azurite, a1111: Standin | str) -> ModeRun:
+    """One mode against the stand-in, or a real A1111 (its URL: no stats, no reset)."""
     settings = _settings(server, mode)
     storage = Storage.connect(settings)
     try:
         await storage.ensure()
-        async with httpx.AsyncClient(base_url=a1111.url) as http:
-            (await http.post("/standin/reset")).raise_for_status()
+        if not isinstance(a1111, str):
+            async with httpx.AsyncClient(base_url=a1111.url) as http:
+                (await http.post("/standin/reset")).raise_for_status()
         print(f"bench: {mode}: enqueueing {scenario.jobs} jobs", file=sys.stderr)
-        await enqueue(storage, settings.queue_name, generated(scenario.jobs, scenario.seed))
+        await enqueue(storage, settings.queue_name, _jobs(scenario))
         log_path = scenario.report / f"worker-{mode}.log"
         async with storage_proxies(
             server.blob_port, server.queue_port, scenario.latency, scenario.bits_per_second
         ) as proxies:
             measured = await _run_worker(scenario, mode, proxies, a1111, log_path)
             link = proxies.link
-        async with httpx.AsyncClient(base_url=a1111.url) as http:
-            stats = (await http.get("/standin/stats")).json()
+        stats: dict[str, Any] | None = None
+        if not isinstance(a1111, str):
+            async with httpx.AsyncClient(base_url=a1111.url) as http:
+                stats = (await http.get("/standin/stats")).json()
         checks = await _verify(storage, scenario.jobs)
         with contextlib.suppress(Exception):
             await storage.container.delete_container()  # Azurite keeps blobs in memory: free them
@@ -173,7 +194,7 @@ async def run_mode(scenario: Scenario, mode: str, server: Azurite, a1111: Standi
 
 
 async def _run_worker(
-    scenario: Scenario, mode: str, proxies: StorageProxies, a1111: Standin, log_path: Path
+    scenario: Scenario, mode: str, proxies: StorageProxies, a1111: Standin | str, log_path: Path
 ) -> Measured:
     port = free_port()
     process = _spawn(_worker_env(scenario, mode, proxies, a1111, port), log_path)
