@@ -211,6 +211,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
             "queue_name": ",".join(shards),
             "result_queue_name": "results",
             "container_name": "images",
+            "create_queues": True,
             "visibility_timeout": args.visibility,
             "prefetch": args.prefetch,
             "http_port": 0,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -16,21 +17,28 @@ from sidecar import __version__, logs
 from sidecar.app import run_worker
 from sidecar.config import load_settings, unknown_variables
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.formatting import plural
 from sidecar.memory import keep_freed_memory
 from sidecar.storage import Storage
 
 log = logging.getLogger("sidecar")
 
 
+class UsageError(Exception):
+    """Arguments that do not go together: ``main`` prints the command's usage and exits 2."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.wait_invisible < 0 or (args.wait_invisible and not args.exit_when_empty):
+        raise UsageError("--wait-invisible takes seconds >= 0, with --exit-when-empty")
     settings = load_settings(env_file=args.env_file)
+    if args.create_queues:
+        settings = settings.model_copy(update={"create_queues": True})
     logs.configure(settings.log_format, worker_id=settings.worker_id)
     for warning in unknown_variables():
         log.warning(warning, extra={"stage": "start"})
     keep_freed_memory()
     # libuv's event loop: a third less CPU per job than asyncio's on the upload path.
-    if args.wait_invisible < 0 or (args.wait_invisible and not args.exit_when_empty):
-        raise SystemExit("run: --wait-invisible takes seconds >= 0, with --exit-when-empty")
     return uvloop.run(run_worker(settings, args.max_jobs, args.exit_when_empty, args.wait_invisible))
 
 
@@ -39,20 +47,26 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from sidecar.jobs import Limits
     from sidecar.progress import print_bad
 
-    settings = load_settings()
     if (args.file is None) == (args.generate is None):
-        raise SystemExit("enqueue: give exactly one of --file or --generate")
+        raise UsageError("give exactly one of --file or --generate")
     if args.ttl is not None and args.ttl != -1 and not 1 <= args.ttl <= 7 * 24 * 3600:
-        raise SystemExit("enqueue: --ttl must be -1 (never expire) or 1..604800 seconds")
+        raise UsageError("--ttl must be -1 (never expire) or 1..604800 seconds")
     for name in ("generate", "concurrency", "start_line"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"enqueue: --{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seed is not None and args.generate is None:
+        raise UsageError("--seed goes with --generate")
+    settings = load_settings()
+    create = args.create_queues or settings.create_queues
+    # Without --seed, a seed of this run's own: ids differ from every other run's (a second run would
+    # otherwise overwrite the first one's images); it is printed, to make the same jobs again.
+    seed = secrets.randbelow(10**9) if args.generate is not None and args.seed is None else args.seed
     try:
         items = (
             lines_of(args.file, args.start_line)
             if args.file
-            else generated(args.generate, args.seed, args.start_line)
+            else generated(args.generate, seed, args.start_line)
         )
     except OSError as error:
         print(f"enqueue: cannot read {args.file}: {error.strerror}", file=sys.stderr)
@@ -75,7 +89,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, interrupt)
         code = 0
         try:
-            await storage.ensure()
+            # creates every queue and the container (an admin setting up), or checks the job queues
+            if create:
+                await storage.ensure(create=True)
+            else:
+                await storage.ensure(create=False, queues=settings.queue_name, container=False)
             report = await enqueue(
                 storage,
                 settings.queue_name,
@@ -101,13 +119,15 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             await storage.close()
         shards = ", ".join(f"{queue} ({report.per_queue[queue]:,})" for queue in settings.queue_name)
         print(
-            f"sent {report.sent:,} job(s) to {shards} in {report.seconds:.1f}s ({report.rate:,.0f}/s); "
-            f"{report.bad_count:,} bad line(s) skipped"
+            f"sent {plural(report.sent, 'job')} to {shards} in {report.seconds:.1f}s "
+            f"({report.rate:,.0f}/s); {plural(report.bad_count, 'bad line')} skipped"
+            + (f"; generated with --seed {seed}" if args.generate is not None else "")
         )
         if report.resume_line is not None:
+            again = f" --seed {seed}" if args.generate is not None and args.seed is None else ""
             print(
                 f"enqueue: every line before {report.resume_line} was sent or skipped; to go on from there, "
-                f"run the same command with --start-line {report.resume_line}",
+                f"run the same command with{again} --start-line {report.resume_line}",
                 file=sys.stderr,
             )
         return code
@@ -130,7 +150,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     from sidecar.grant import make_grant, print_grant, write_grant
 
     if not 0 < args.days <= 365:
-        raise SystemExit("grant: --days must be more than 0 and at most 365")
+        raise UsageError("--days must be more than 0 and at most 365")
     settings = load_settings()
     grant = make_grant(settings, args.days)
     if args.output is None:
@@ -160,6 +180,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(demo(None if args.jobs is None else Path(args.jobs), Path(args.out)))
 
 
+CREATE_QUEUES_HELP = (
+    "create the queues and the container if they are missing (needs an admin credential; also "
+    "SIDECAR_CREATE_QUEUES=true); without it a missing queue is an error, so a typo cannot go unseen"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="a1111-sidecar", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -168,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the worker: runs until SIGTERM/SIGINT")
     run.add_argument("--max-jobs", type=int, default=None, help="stop after N finished jobs")
     run.add_argument("--exit-when-empty", action="store_true", help="drain the queue, then exit 0")
+    run.add_argument("--create-queues", action="store_true", help=CREATE_QUEUES_HELP)
     run.add_argument(
         "--wait-invisible",
         type=float,
@@ -182,12 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="read settings from NAME=value lines too (e.g. written by grant --output); the environment wins",
     )
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, parser=run)
 
     enq = commands.add_parser("enqueue", help="put jobs on the queue (validated; spread over shards)")
     enq.add_argument("--file", help="JSONL file, one job per line (any size: streamed); - reads stdin")
     enq.add_argument("--generate", type=int, metavar="N", help="generate N benchmark-style jobs")
-    enq.add_argument("--seed", type=int, default=0, help="seed for --generate (same seed, same jobs)")
+    enq.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for --generate: the same seed makes the same jobs and ids (default: a new one per run)",
+    )
+    enq.add_argument("--create-queues", action="store_true", help=CREATE_QUEUES_HELP)
     enq.add_argument(
         "--base64", action="store_true", help="base64-encode messages like Azure Functions producers"
     )
@@ -211,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="messages expire after SECONDS (default: never; Azure's own default would be 7 days)",
     )
-    enq.set_defaults(func=cmd_enqueue)
+    enq.set_defaults(func=cmd_enqueue, parser=enq)
 
     status = commands.add_parser("status", help="queue depth, poison reasons, results")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted, with rates")
@@ -224,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="list at most N blobs per refresh to count results (0: do not list)",
     )
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=cmd_status, parser=status)
 
     grant = commands.add_parser(
         "grant", help="operator: print a node's settings with least-privilege, expiring SAS credentials"
@@ -234,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument(
         "--output", default=None, metavar="PATH", help="write the NAME=value lines to PATH (mode 0600)"
     )
-    grant.set_defaults(func=cmd_grant)
+    grant.set_defaults(func=cmd_grant, parser=grant)
 
     bench = commands.add_parser("bench", help="throughput benchmark: sequential vs pipelined, with a report")
     bench.add_argument("--jobs", type=int, default=200, help="jobs per mode")
@@ -290,6 +323,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"a1111-sidecar: warning: {warning}", file=sys.stderr)
     try:
         code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except UsageError as error:
+        args.parser.error(str(error))  # usage and one line, exit 2
+    except BrokenPipeError:
+        # `status | head -1`: the reader is gone. As Python's documentation recommends, point stdout at
+        # devnull so that the interpreter's own flush at exit does not fail once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     except ConfigError as error:
         print(f"a1111-sidecar: configuration error: {error}", file=sys.stderr)
         code = 2

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     poison_queue_name: str | None = None
     result_queue_name: str | None = None
     container_name: str = "images"
+    # Create missing queues and the container at start (an admin credential): off, so that a typo in
+    # a queue's name is an error instead of a new queue no worker reads.
+    create_queues: bool = False
     max_dequeue_count: int = Field(default=5, ge=1, le=1000)
     visibility_timeout: int = Field(default=60, ge=2, le=7 * 24 * 3600)
     prefetch: int = Field(default=1, ge=0, le=256)

@@ -11,3 +11,8 @@ def format_duration(seconds: float) -> str:
     if whole >= 60:
         return f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole}s"
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 job``, ``2 jobs``, ``1,000 jobs``; ``many`` for a plural that is not ``word + "s"``."""
+    return f"{count:,} {word if count == 1 else many or word + 's'}"

@@ -4,7 +4,7 @@
   hold) and in its poison queue, with the reasons of the oldest poisoned messages: a peek sees at
   most 32 per poison queue, so the reasons are a sample, not a census.
 * The result queue's depth, if ``SIDECAR_RESULT_QUEUE_NAME`` is set.
-* Results stored: ``job.json`` and ``.png`` blobs counted by listing the container, and the jobs whose
+* Results stored: ``job.json`` and image blobs counted by listing the container, and the jobs whose
   ``job.json`` was written in the last minute. Listing returns 5,000 blobs per request and cannot be
   filtered by time, so it is capped (``--scan-limit``, default 100,000 blobs: 20 requests). A 10 M-job
   run stores 20 M blobs: past the cap the counts are lower bounds, marked ``+``.
@@ -33,7 +33,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
-from sidecar.formatting import format_duration
+from sidecar.formatting import format_duration, plural
 from sidecar.storage import Storage
 
 PEEK = 32  # Azure's cap on messages per peek
@@ -55,7 +55,7 @@ class Rates:
     """Per minute, between two refreshes."""
 
     seconds: float
-    drained: float  # fall of all job queues' depth (negative when they grow)
+    drained: float | None  # fall of all job queues' depth (negative when they grow); None: one is missing
     results: float | None  # growth of the result queue (net of any consumer)
     stored: float | None  # job.json blobs added, when both listings were complete
     empty_in_s: float | None  # the job queues at this drain rate
@@ -79,12 +79,26 @@ class Snapshot:
     rates: Rates | None = None
 
     @property
-    def depth(self) -> int:
-        return sum(shard.depth or 0 for shard in self.shards)
+    def depth(self) -> int | None:
+        """All job queues' messages; None when one of them does not exist (0 would say "all done")."""
+        depths = [shard.depth for shard in self.shards]
+        return None if None in depths else sum(d or 0 for d in depths)
 
     @property
-    def poison_depth(self) -> int:
-        return sum(shard.poison_depth or 0 for shard in self.shards)
+    def poison_depth(self) -> int | None:
+        depths = [shard.poison_depth for shard in self.shards]
+        return None if None in depths else sum(d or 0 for d in depths)
+
+    @property
+    def missing(self) -> list[str]:
+        """What a run needs that does not exist, as ``queue NAME`` / ``container NAME``."""
+        names = [f"queue {shard.queue}" for shard in self.shards if shard.depth is None]
+        names += [f"queue {shard.poison}" for shard in self.shards if shard.poison_depth is None]
+        if self.results_queue and self.results_depth is None:
+            names.append(f"queue {self.results_queue}")
+        if not self.container_exists:
+            names.append(f"container {self.container}")
+        return names
 
     @property
     def reasons(self) -> Counter[str]:
@@ -96,6 +110,7 @@ class Snapshot:
             shard_data["reasons"] = dict(shard.reasons)  # asdict() mangles a Counter's items
         data["taken_at"] = _iso(self.taken_at)
         data["depth"], data["poison_depth"] = self.depth, self.poison_depth
+        data["missing"] = self.missing
         return data
 
 
@@ -153,7 +168,7 @@ async def _scan(storage: Storage, snap: Snapshot) -> None:
                     snap.stored_jobs += 1
                     if blob.last_modified and blob.last_modified >= minute_ago:
                         snap.finished_last_minute += 1
-                elif blob.name.endswith(".png"):
+                elif blob.name.endswith((".png", ".webp", ".jpeg")):  # SIDECAR_IMAGE_FORMAT
                     snap.stored_images += 1
         except ResourceNotFoundError:
             snap.container_exists = False
@@ -186,7 +201,9 @@ def compare(snap: Snapshot, before: Snapshot) -> Rates | None:
     if seconds <= 0:
         return None
     per_minute = 60 / seconds
-    drained = (before.depth - snap.depth) * per_minute
+    drained = None
+    if snap.depth is not None and before.depth is not None:
+        drained = (before.depth - snap.depth) * per_minute
     results = None
     if snap.results_depth is not None and before.results_depth is not None:
         results = (snap.results_depth - before.results_depth) * per_minute
@@ -194,7 +211,7 @@ def compare(snap: Snapshot, before: Snapshot) -> Rates | None:
     complete = snap.scan_limit and not snap.scan_capped and before.scan_limit and not before.scan_capped
     if complete:
         stored = (snap.stored_jobs - before.stored_jobs) * per_minute
-    empty_in = snap.depth / drained * 60 if drained > 0 else None
+    empty_in = snap.depth / drained * 60 if snap.depth is not None and drained and drained > 0 else None
     return Rates(round(seconds, 1), drained, results, stored, empty_in)
 
 
@@ -205,13 +222,14 @@ def render(snap: Snapshot) -> str:
     for shard in snap.shards:
         lines.append(f"  {shard.queue:<40} {_count(shard.depth):>12} {_count(shard.poison_depth):>9}")
     if len(snap.shards) > 1:
-        lines.append(f"  {f'all {len(snap.shards)} shards':<40} {snap.depth:>12,} {snap.poison_depth:>9,}")
+        total = f"all {len(snap.shards)} shards"
+        lines.append(f"  {total:<40} {_count(snap.depth):>12} {_count(snap.poison_depth):>9}")
     reasons = snap.reasons
     if reasons:
         lines.append(f"  poison reasons (the oldest {PEEK} messages of each poison queue, peeked):")
         lines += [f"    {count:>5} x {reason}" for reason, count in reasons.most_common(5)]
         if len(reasons) > 5:
-            lines.append(f"    ... and {len(reasons) - 5} more reason(s)")
+            lines.append(f"    ... and {plural(len(reasons) - 5, 'more reason')}")
     if snap.results_queue:
         lines.append(f"  results queue {snap.results_queue:<26} {_count(snap.results_depth):>12} messages")
     if not snap.container_exists:
@@ -220,10 +238,10 @@ def render(snap: Snapshot) -> str:
         lines.append(f"  container {snap.container}: not listed (--scan-limit 0)")
     else:
         lines.append(
-            f"  stored in {snap.container}: {snap.stored_jobs:,}{plus} jobs, {snap.stored_images:,}{plus} "
-            f"images, {snap.stored_bytes / 1e6:,.1f}{plus} MB"
+            f"  stored in {snap.container}: {_counted(snap.stored_jobs, plus, 'job')}, "
+            f"{_counted(snap.stored_images, plus, 'image')}, {snap.stored_bytes / 1e6:,.1f}{plus} MB"
         )
-        lines.append(f"  finished in the last minute: {snap.finished_last_minute:,}{plus} jobs")
+        lines.append(f"  finished in the last minute: {_counted(snap.finished_last_minute, plus, 'job')}")
         if snap.scan_capped:
             lines.append(
                 f"  (listing stopped at {snap.scan_limit:,} blobs: counts are lower bounds; "
@@ -231,7 +249,8 @@ def render(snap: Snapshot) -> str:
             )
     if snap.rates is not None:
         rates = snap.rates
-        text = f"  per minute over the last {rates.seconds:g}s: queues drained {rates.drained:,.0f}"
+        drained = "?" if rates.drained is None else f"{rates.drained:,.0f}"
+        text = f"  per minute over the last {rates.seconds:g}s: queues drained {drained}"
         if rates.empty_in_s is not None:
             text += f" (empty in ~{format_duration(rates.empty_in_s)})"
         if rates.results is not None:
@@ -246,6 +265,22 @@ def _count(value: int | None) -> str:
     return "missing" if value is None else f"{value:,}"
 
 
+def _counted(count: int, plus: str, word: str) -> str:
+    """``1 job``, ``2 jobs``, ``5,000+ jobs`` (a lower bound is plural)."""
+    return f"{count:,}{plus} {word if count == 1 and not plus else word + 's'}"
+
+
+def missing_line(snap: Snapshot, account: str) -> str:
+    """One line naming what does not exist (a typo in a name, or a run not set up yet)."""
+    names = snap.missing
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return (
+        f"status: {listed} {'does' if len(names) == 1 else 'do'} not exist in storage account "
+        f"{account or '?'}: check SIDECAR_QUEUE_NAME (and the other names), or create them with "
+        "enqueue --create-queues"
+    )
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -257,7 +292,8 @@ async def show_status(
     as_json: bool = False,
     scan_limit: int = 100_000,
 ) -> int:
-    """Print the status once (exit 0, or 1 if storage cannot be read), or refresh it until Ctrl-C."""
+    """Print the status once, or refresh it until Ctrl-C. Once: exit 0, or 1 if storage cannot be
+    read or a queue (or the container) does not exist, with one line on stderr naming it."""
     settings = settings.model_copy(update={"retry_budget": min(settings.retry_budget, STATUS_RETRY_BUDGET)})
     # Retries are bounded and end in one line if they fail: their warnings would only bury the status.
     logging.getLogger("sidecar.backoff").setLevel(logging.ERROR)
@@ -280,6 +316,9 @@ async def show_status(
                 else:
                     clear = "\x1b[H\x1b[2J" if watch and sys.stdout.isatty() else ""
                     print(clear + render(snap) + ("\n" if watch and not clear else ""), flush=True)
+                if snap.missing and not watch:
+                    print(missing_line(snap, storage.account), file=sys.stderr, flush=True)
+                    return 1
             if not watch:
                 return 0
             await asyncio.sleep(interval)

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 
 from sidecar.errors import A1111Unavailable, FatalError, SidecarError
+from sidecar.formatting import plural
 from sidecar.observability import Metrics
 from sidecar.pipeline.book import Book, Held
 from sidecar.pipeline.affinity import Window
@@ -178,7 +179,7 @@ class Worker:
             log.warning("drained; could not count what is left: %s", error, extra={"stage": "stop"})
             return
         left = sum(counts)
-        text = f"drained; {left} message(s) still invisible under other consumers' leases"
+        text = f"drained; {plural(left, 'message')} still invisible under other consumers' leases"
         log.info(text if left else "drained; the queue is empty", extra={"stage": "stop", "invisible": left})
 
     async def _work(self) -> None:
@@ -234,14 +235,14 @@ class Worker:
             if item is not None:
                 waiting.append(item)
         if waiting:
-            log.info("giving back %d prefetched job(s)", len(waiting), extra={"stage": "stop"})
+            log.info("giving back %s", plural(len(waiting), "prefetched job"), extra={"stage": "stop"})
             await asyncio.gather(*(self.settler.give_back(held) for held in waiting), return_exceptions=True)
 
     async def _release_all(self) -> None:
         """Give back every message still held (visibility 0), so another node takes it at once."""
         leases = [lease for lease in self.book.held if not lease.ended]
         if leases:
-            log.info("releasing %d held message(s)", len(leases), extra={"stage": "stop"})
+            log.info("releasing %s", plural(len(leases), "held message"), extra={"stage": "stop"})
         results = await asyncio.gather(*(lease.release(0) for lease in leases), return_exceptions=True)
         for lease, result in zip(leases, results, strict=True):
             if isinstance(result, BaseException):

@@ -78,6 +78,9 @@ def make_settings(azurite_server: Azurite, standin_server: Standin) -> Any:
             "a1111_url": standin_server.url,
             "queue_name": f"jobs-{tag}",
             "container_name": f"images-{tag}",
+            # the test's own queues are made when first used, as `make demo` and the compose seed ask;
+            # tests of a missing queue being an error set it to False
+            "create_queues": True,
             "retry_base_delay": 0.0,
             "retry_max_delay": 0.0,
             "retry_budget": 2.0,

@@ -170,7 +170,7 @@ async def test_sigterm_gives_prefetched_jobs_back_at_once(
             assert back_after < 1.0 + 1.0, (
                 f"back after {back_after:.2f}s"
             )  # 1 s, and a loaded machine's slack
-            assert worker.messages("giving back 4 prefetched job(s)")
+            assert worker.messages("giving back 4 prefetched jobs")
         finally:
             worker.stop()
 
@@ -226,7 +226,7 @@ async def test_exit_when_empty_says_how_many_messages_are_still_invisible(
     await storage.receive(queue, 1, 4)  # the dead consumer's lease
     worker = await run_until_exit(settings, tmp_path, "--exit-when-empty")
     assert worker.proc.returncode == 0
-    (line,) = worker.messages("drained; 1 message(s) still invisible under other consumers' leases")
+    (line,) = worker.messages("drained; 1 message still invisible under other consumers' leases")
     assert line["invisible"] == 1
     assert worker.done_jobs() == []
     waiting = await run_until_exit(settings, tmp_path, "--exit-when-empty", "--wait-invisible", "30")

@@ -77,9 +77,10 @@ async def test_status_and_result_messages_after_a_small_run(make_settings: Any, 
 async def test_status_before_anything_exists(make_settings: Any) -> None:
     settings = make_settings(queue_name=f"a-{uuid.uuid4().hex[:8]},b-{uuid.uuid4().hex[:8]}")
     shown = await asyncio.to_thread(run_cli, settings, "status")
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1  # what does not exist is an error: a typo in a name, or nothing set up
     for queue in settings.queue_name:
         assert re.search(rf"^  {queue}\s+missing\s+missing$", shown.stdout, re.MULTILINE), shown.stdout
+        assert f"queue {queue} " in shown.stderr or f"queue {queue}," in shown.stderr, shown.stderr
     assert "does not exist yet" in shown.stdout
 
 

@@ -169,7 +169,7 @@ async def run_mode(scenario: Scenario, mode: str, server: Azurite, a1111: Standi
     settings = _settings(server, mode)
     storage = Storage.connect(settings)
     try:
-        await storage.ensure()
+        await storage.ensure(create=True)  # its own emulator: nothing exists yet
         if not isinstance(a1111, str):
             async with httpx.AsyncClient(base_url=a1111.url) as http:
                 (await http.post("/standin/reset")).raise_for_status()

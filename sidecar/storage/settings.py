@@ -20,6 +20,7 @@ class StorageSettings:
     poison_queue_name: str | None = None
     result_queue_name: str | None = None
     container_name: str = "images"
+    create_queues: bool = False  # ensure() creates what is missing, instead of naming it
     worker_id: str = ""  # names the container probe blob
     visibility_timeout: int = 60
     retry_base_delay: float = 0.5
@@ -36,6 +37,7 @@ class StorageSettings:
             poison_queue_name=settings.poison_queue_name,
             result_queue_name=settings.result_queue_name,
             container_name=settings.container_name,
+            create_queues=settings.create_queues,
             worker_id=settings.worker_id,
             visibility_timeout=settings.visibility_timeout,
             retry_base_delay=settings.retry_base_delay,
