@@ -13,7 +13,7 @@ EXTRA = "tools"
 # The modules each command needs that only the extra installs: the stand-in (fastapi, uvicorn with
 # httptools) runs as a child process, so a missing one would otherwise show only as its traceback.
 _STANDIN = ("fastapi", "uvicorn", "httptools")
-NEEDS = {"bench": (*_STANDIN, "matplotlib", "psutil"), "demo": _STANDIN}
+NEEDS = {"bench": (*_STANDIN, "matplotlib", "psutil"), "demo": (*_STANDIN, "PIL")}
 
 
 def missing(command: str) -> list[str]:
