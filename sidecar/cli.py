@@ -73,6 +73,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return 2
     total = max(0, args.generate - args.start_line + 1) if args.generate is not None else None
     limits = Limits(settings.max_width, settings.max_height, settings.max_steps, settings.max_images)
+    routing = None
+    if args.route_by_checkpoint or args.route:
+        from sidecar.enqueue import Routing
+
+        try:
+            routing = Routing(settings.queue_name, Routing.parse(args.route))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
     async def go() -> int:
         loop = asyncio.get_running_loop()
@@ -106,6 +114,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                 on_bad=print_bad(),
                 stop=stop,
                 time_to_live=-1 if args.ttl is None else args.ttl,
+                routing=routing,
             )
         except EnqueueStopped as error:
             print(f"enqueue: stopped: {error.reason}", file=sys.stderr)
@@ -225,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--base64", action="store_true", help="base64-encode messages like Azure Functions producers"
     )
     enq.add_argument("--concurrency", type=int, default=32, help="messages in flight at once (32)")
+    enq.add_argument(
+        "--route-by-checkpoint",
+        action="store_true",
+        help="with several queues, send each job to the queue of its checkpoint (a stable hash of its "
+        "name over SIDECAR_QUEUE_NAME, or --route) instead of round-robin: one queue per model",
+    )
+    enq.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="MODEL=QUEUE",
+        help="send jobs naming checkpoint MODEL to QUEUE (repeatable; implies --route-by-checkpoint)",
+    )
     enq.add_argument(
         "--stop-on-bad",
         action="store_true",

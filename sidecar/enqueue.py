@@ -2,7 +2,9 @@
 
 Every line is checked with the worker's own job model (``parse_job``, with the configured limits)
 before it is sent, so a bad line is caught at the producer with its line number instead of landing on
-the poison queue later. With several queues (``SIDECAR_QUEUE_NAME=a,b,c``) jobs are spread round-robin.
+the poison queue later. With several queues (``SIDECAR_QUEUE_NAME=a,b,c``) jobs are spread round-robin,
+or routed by their checkpoint (``Routing``: one queue per model family, so that a worker's shard
+preference keeps A1111's loaded model).
 
 Memory stays flat whatever the input's size: the file is read one line at a time (a line is never
 read past the 64 KiB message limit), at most ``concurrency`` messages are in flight, and bad lines are
@@ -17,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from sidecar.errors import InvalidJob, StorageUnavailable
-from sidecar.jobs import MAX_MESSAGE_BYTES, Limits, parse_job
+from sidecar.jobs import MAX_MESSAGE_BYTES, Job, Limits, parse_job
 from sidecar.progress import Progress
 from sidecar.prompts import generate_jobs
 from sidecar.storage import NEVER_EXPIRES, Storage, classify
@@ -48,6 +52,45 @@ class Report:
     @property
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+class Routing:
+    """``--route-by-checkpoint``: the queue of a job is chosen by its checkpoint
+    (``override_settings.sd_model_checkpoint``, without a ``[hash]`` suffix; none: the default one).
+    A checkpoint named in ``routes`` (``--route MODEL=QUEUE``) goes to its queue; any other to the
+    queue its name's CRC-32 picks among the queues: the same checkpoint always lands on the same
+    shard, on every machine and run, as long as the list of queues stays the same."""
+
+    def __init__(self, queues: list[str], routes: dict[str, str] | None = None) -> None:
+        self.queues = list(queues)
+        self.routes = dict(routes or {})
+        unknown = sorted({queue for queue in self.routes.values() if queue not in self.queues})
+        if unknown:
+            raise ValueError(f"--route names queues not in SIDECAR_QUEUE_NAME: {', '.join(unknown)}")
+
+    @staticmethod
+    def parse(entries: list[str]) -> dict[str, str]:
+        """``MODEL=QUEUE`` entries as a mapping; ValueError names a malformed one."""
+        routes = {}
+        for entry in entries:
+            model, _, queue = entry.partition("=")
+            if not model.strip() or not queue.strip():
+                raise ValueError(f"--route takes MODEL=QUEUE, not {entry!r}")
+            routes[checkpoint_name(model.strip())] = queue.strip()
+        return routes
+
+    def shard(self, job: Job) -> int:
+        overrides = job.spec.override_settings
+        name = checkpoint_name((overrides.sd_model_checkpoint or "") if overrides is not None else "")
+        queue = self.routes.get(name)
+        if queue is not None:
+            return self.queues.index(queue)
+        return zlib.crc32(name.encode("utf-8")) % len(self.queues)
+
+
+def checkpoint_name(name: str) -> str:
+    """A checkpoint as A1111's titles and names spell it, without the ``[hash]`` of a title."""
+    return re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]$", "", name)
 
 
 class EnqueueStopped(Exception):
@@ -154,12 +197,14 @@ async def enqueue(
     stop: asyncio.Event | None = None,
     progress_stream: TextIO = sys.stderr,
     time_to_live: int = NEVER_EXPIRES,
+    routing: Routing | None = None,
 ) -> Report:
     """Validate and send every item; raises ``EnqueueStopped`` (with the report) if it ends early.
 
     ``total`` (items expected) or a ``JsonlFile`` (bytes) gives the progress bar its percentage.
     ``on_bad(line, reason)`` hears of each skipped line as it is found; ``stop`` ends the run early
-    (Ctrl-C): sends in flight finish, nothing more is taken. Messages never expire unless
+    (Ctrl-C): sends in flight finish, nothing more is taken. ``routing`` picks each job's queue by its
+    checkpoint instead of round-robin. Messages never expire unless
     ``time_to_live`` (seconds) says otherwise: Azure's default of 7 days would drop a long backlog.
     """
     if concurrency < 1:
@@ -187,7 +232,7 @@ async def enqueue(
             try:
                 if isinstance(text, InvalidJob):
                     raise text
-                parse_job(text, "pending", limits)
+                job = parse_job(text, "pending", limits)
                 body = base64.b64encode(text.encode("utf-8")).decode("ascii") if encode_base64 else text
                 # a character is at most 4 UTF-8 bytes: most messages need no encoding to know
                 if len(body) * 4 > MAX_MESSAGE_BYTES and len(body.encode("utf-8")) > MAX_MESSAGE_BYTES:
@@ -205,7 +250,7 @@ async def enqueue(
                 if on_bad is not None:
                     on_bad(number, str(error))
                 continue
-            shard = sequence % len(clients)
+            shard = routing.shard(job) if routing is not None else sequence % len(clients)
             sequence += 1
             return number, body, shard
         return None
