@@ -26,8 +26,8 @@ from collections import Counter
 from sidecar.errors import A1111Unavailable, FatalError, SidecarError
 from sidecar.formatting import plural
 from sidecar.observability import Metrics
-from sidecar.pipeline.book import Book, Held
 from sidecar.pipeline.affinity import Window
+from sidecar.pipeline.book import Book, Held
 from sidecar.pipeline.fetch import Fetcher
 from sidecar.pipeline.finish import Finisher
 from sidecar.pipeline.generate import Generator
