@@ -4,6 +4,10 @@
   hold) and in its poison queue, with the reasons of the oldest poisoned messages: a peek sees at
   most 32 per poison queue, so the reasons are a sample, not a census.
 * The result queue's depth, if ``SIDECAR_RESULT_QUEUE_NAME`` is set.
+* What does not exist (a queue, a poison queue, the result queue, the container) is shown as
+  ``missing``, never counted as empty: the totals are then unknown (``null`` in ``--json``, which lists
+  it in ``missing``), and a single refresh exits 1 with one line naming it (a typo in a name, or
+  nothing set up yet).
 * Results stored: ``job.json`` and image blobs counted by listing the container, and the jobs whose
   ``job.json`` was written in the last minute. Listing returns 5,000 blobs per request and cannot be
   filtered by time, so it is capped (``--scan-limit``, default 100,000 blobs: 20 requests). A 10 M-job
