@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Offline checks of the shipping files: the Dockerfiles (hadolint), docker-compose.yml (the Compose
 # spec's JSON schema, built into check-jsonschema), the Kubernetes manifests (kubernetes-validate
-# --strict against the Kubernetes API schemas; the KEDA objects against KEDA's CRD schemas), the
-# SaladCloud container group (SaladCloud's API schema), the structure and policies of both (probes,
-# grace, scaling, hardening, models) and the A1111 start script (sh -n). The vendor schemas are data
-# files under deploy/schemas/ (README there: source and version). No Docker engine and no network
-# needed; tests/test_shipping.py runs it and adds cross-file checks.
+# --strict against the Kubernetes API schemas; the KEDA objects against KEDA's CRD schemas, the
+# PodMonitor against prometheus-operator's), the SaladCloud container group (SaladCloud's API schema),
+# the structure and policies of both (probes, grace, scaling, hardening, models) and the A1111 start
+# script (sh -n). The vendor schemas are data files under deploy/schemas/ (README there: source and
+# version). No Docker engine and no network needed; tests/test_shipping.py runs it and adds cross-file
+# checks. (The alert rules and the dashboard: tests/test_alerting.py, with promtool.)
 #
 #   scripts/check-shipping.sh [ROOT]    ROOT: the tree to check (default: this repository)
 #
@@ -66,8 +67,9 @@ step "compose spec: docker-compose.yml" \
 step "sh -n: a1111/start-webui.sh" sh -n "$root/a1111/start-webui.sh"
 
 # Split deploy/kubernetes/*.yaml by API group: the built-in kinds go to kubernetes-validate, the
-# keda.sh kinds to check-jsonschema with KEDA's CRD schema (kubernetes-validate only warns on kinds it
-# has no schema for, so nothing may reach it that it cannot check).
+# keda.sh kinds to check-jsonschema with KEDA's CRD schema, the monitoring.coreos.com kinds with
+# prometheus-operator's (kubernetes-validate only warns on kinds it has no schema for, so nothing may
+# reach it that it cannot check).
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$python" - "$root" "$work" <<'PY' || failed=1
@@ -80,6 +82,7 @@ import yaml
 root, work = Path(sys.argv[1]), Path(sys.argv[2])
 (work / "k8s").mkdir()
 (work / "keda").mkdir()
+(work / "prometheus-operator").mkdir()
 for path in sorted((root / "deploy" / "kubernetes").glob("*.yaml")):
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
@@ -91,6 +94,10 @@ for path in sorted((root / "deploy" / "kubernetes").glob("*.yaml")):
         api = str(doc.get("apiVersion", "")) if isinstance(doc, dict) else ""
         if api.startswith("keda.sh/"):
             target = work / "keda" / f"{path.stem}.{index}.{doc.get('kind')}.json"
+            target.write_text(json.dumps(doc), encoding="utf-8")
+        elif api.startswith("monitoring.coreos.com/"):
+            version = api.split("/", 1)[1]
+            target = work / "prometheus-operator" / f"{path.stem}.{index}.{doc.get('kind')}_{version}.json"
             target.write_text(json.dumps(doc), encoding="utf-8")
         else:
             core.append(doc)
@@ -144,6 +151,26 @@ keda_validate() {
     return "$status"
 }
 step "KEDA CRD schema: ScaledObject, TriggerAuthentication" keda_validate
+
+prometheus_operator_validate() {
+    local file kind schema status=0 any=0
+    for file in "$work"/prometheus-operator/*.json; do
+        [ -e "$file" ] || continue
+        any=1
+        kind=${file%.json}
+        kind=${kind##*.}
+        schema="$schemas/prometheus-operator/$(tr '[:upper:]' '[:lower:]' <<<"$kind").yaml"
+        if [ ! -f "$schema" ]; then
+            echo "  $(basename "$file"): no prometheus-operator schema for $kind in deploy/schemas/prometheus-operator" >&2
+            status=1
+            continue
+        fi
+        schema_check "$schema" "$file" || status=1
+    done
+    [ "$any" -eq 1 ] || { echo "  deploy/kubernetes: no monitoring.coreos.com objects" >&2; return 1; }
+    return "$status"
+}
+step "prometheus-operator CRD schema: PodMonitor" prometheus_operator_validate
 
 step "SaladCloud API schema: deploy/salad/container-group.json" \
     schema_check "$schemas/saladcloud/container-group-prototype.yaml" "$root/deploy/salad/container-group.json"

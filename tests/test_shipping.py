@@ -181,6 +181,12 @@ BREAKAGES = {
     "KEDA CRD schema/triggerauthentication": _replace(
         "deploy/kubernetes/scaledobject.yaml", "secretTargetRef:", "secretTargetRefs:"
     ),
+    "prometheus-operator CRD schema/podmonitor": _replace(
+        "deploy/kubernetes/podmonitor.yaml", "  podMetricsEndpoints:\n", "  podMetricEndpoints:\n"
+    ),
+    "prometheus-operator CRD schema/interval": _replace(
+        "deploy/kubernetes/podmonitor.yaml", "interval: 30s", "interval: 30 seconds"
+    ),
     "SaladCloud API schema/headers": _edit_json(
         "deploy/salad/container-group.json", lambda group: group["liveness_probe"]["http"].update(headers=[])
     ),
