@@ -235,7 +235,8 @@ def render(snap: Snapshot) -> str:
         if len(reasons) > 5:
             lines.append(f"    ... and {plural(len(reasons) - 5, 'more reason')}")
     if snap.results_queue:
-        lines.append(f"  results queue {snap.results_queue:<26} {_count(snap.results_depth):>12} messages")
+        word = "message" if snap.results_depth == 1 else "messages"
+        lines.append(f"  results queue {snap.results_queue:<26} {_count(snap.results_depth):>12} {word}")
     if not snap.container_exists:
         lines.append(f"  container {snap.container}: does not exist yet")
     elif snap.scan_limit == 0:

@@ -44,6 +44,7 @@ from sidecar.dev.devenv import Standin, azurite, standin
 from sidecar.dev.report import write_report
 from sidecar.dev.runner import run_mode
 from sidecar.dev.scenario import ModeRun, Scenario, scenario_of
+from sidecar.formatting import plural
 from sidecar.prompts import generate_jobs
 
 
@@ -75,7 +76,7 @@ async def _a1111(scenario: Scenario) -> AsyncIterator[Standin | str]:
 async def bench(scenario: Scenario) -> int:
     scenario.report.mkdir(parents=True, exist_ok=True)
     print(
-        f"bench: {scenario.jobs} jobs, {scenario.seconds_per_image} s/image, "
+        f"bench: {plural(scenario.jobs, 'job')}, {scenario.seconds_per_image} s/image, "
         f"{scenario.latency_ms:g} ms round trip, {scenario.bandwidth_mbit:g} Mbit/s uplink; "
         f"modes {', '.join(scenario.modes)}",
         file=sys.stderr,

@@ -25,6 +25,7 @@ from sidecar.dev.measure import Measured, cpu_seconds, read_log, rss_mb, summari
 from sidecar.dev.proxy import StorageProxies, storage_proxies
 from sidecar.dev.scenario import BenchError, ModeRun, Scenario
 from sidecar.enqueue import Item, enqueue, generated
+from sidecar.formatting import plural
 from sidecar.storage import Storage
 
 READY_TIMEOUT = 120.0
@@ -173,7 +174,7 @@ async def run_mode(scenario: Scenario, mode: str, server: Azurite, a1111: Standi
         if not isinstance(a1111, str):
             async with httpx.AsyncClient(base_url=a1111.url) as http:
                 (await http.post("/standin/reset")).raise_for_status()
-        print(f"bench: {mode}: enqueueing {scenario.jobs} jobs", file=sys.stderr)
+        print(f"bench: {mode}: enqueueing {plural(scenario.jobs, 'job')}", file=sys.stderr)
         await enqueue(storage, settings.queue_name, _jobs(scenario))
         log_path = scenario.report / f"worker-{mode}.log"
         async with storage_proxies(
