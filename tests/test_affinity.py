@@ -210,3 +210,40 @@ def test_the_pipeline_generates_a_prefetched_mixed_queue_by_affinity(bound: floa
 
     names = asyncio.run(main())
     assert switches(names) == (8 if bound == 0 else 2)
+
+
+def test_a_job_passed_over_keeps_its_lease_renewed_while_it_waits() -> None:
+    """Steps: three held jobs (a, b, a) under 60 s leases on a fake clock; both "a" jobs are taken, the
+    "b" job waits in the window (bound 120 s) through 95 s of "a" generations: its message is renewed
+    at every half-life (30, 60, 90 s), its lease still holds, and it is taken next, passed over 95 s."""
+    from sidecar.jobs import parse_job
+    from sidecar.lease import Lease
+    from tests.fakes import FakeStore
+
+    async def main() -> None:
+        clock = FakeClock()
+        store = FakeStore(clock)
+        window = Window(120.0, clock)
+        leases = []
+        for n, ckpt in enumerate(["a", "b", "a"]):
+            store.add("jobs", job(ckpt, None, n))
+            (message,) = await store.receive("jobs", 1, 60)
+            lease = Lease(store, message, 60, clock=clock, sleep=clock.sleep)
+            leases.append(lease)
+            window.put_nowait(Held(lease, parse_job(message.content, message.id)))
+        taken = [window.get_nowait(), window.get_nowait()]  # the "a" jobs: "b" is passed over
+        assert [h.job.id for h in taken if h is not None] == ["job-0", "job-2"]
+        waiting = leases[1]
+        for _ in range(19):  # 95 s of generations of 5 s, each followed by another "a" job
+            clock.advance(5.0)
+            for _ in range(5):
+                await asyncio.sleep(0)
+        renewed = [c for c in store.ops("set_visibility") if c.args.get("id") == waiting.message.id]
+        assert len(renewed) == 3
+        assert not waiting.ended
+        last = window.get_nowait()
+        assert last is not None and last.job.id == "job-1" and last.passed_over_s == 95.0
+        for lease in leases:
+            lease.abandon()
+
+    asyncio.run(main())
