@@ -115,6 +115,8 @@ class BusyMeter:
             attempt.queued, attempt.seconds = turned - attempt.sent, answered - turned
             self._closed += attempt.seconds
             self._intervals.append((turned, answered))
+            while self._intervals[0][1] < answered - self.window:
+                self._intervals.popleft()
 
     def _open(self, now: float) -> tuple[float, float] | None:
         """The interval A1111 has been on one of our attempts so far, if one is at A1111 now."""
