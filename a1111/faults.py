@@ -4,6 +4,8 @@ the command line set them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +23,9 @@ class Faults(BaseModel):
     crash_next: bool = False
     crash_after: int | None = None
     crash_on_prompt: str | None = None  # every generation whose prompt contains this text crashes
+    # options held at these values (something else on the node keeps setting them): set at once, and
+    # POST /sdapi/v1/options answers 200 and leaves them so
+    pinned_options: dict[str, Any] = {}
 
     def take(self, prompt: str | None = None) -> str | None:
         """The fault for the generation that starts now, counting it off."""

@@ -25,7 +25,7 @@ from a1111.assets import AssetSpec, AssetStore, Checkpoint, default_specs
 from a1111.faults import Faults
 from a1111.options_v1_10_1 import OPTIONS
 from a1111.plan import Plan
-from a1111.pngs import PngPool
+from a1111.pngs import Encoding, PngPool
 from a1111.resolve import build_plan
 from a1111.shapes import A1111Failure, Txt2ImgRequest, a1111_error
 from a1111.state import JobClock, Outcome, State, Stats
@@ -119,11 +119,15 @@ class StandIn:
             return result
         plan, outcome = result
         made = outcome.sizes if req.send_images else []
-        pngs = []
+        canvases = []
         for seed, size in zip(plan.seeds, made, strict=False):
             pool = await self.pngs.get(*size)
-            pngs.append(pool[seed % len(pool)])
-        body = await asyncio.to_thread(plan.response, pngs, len(outcome.sizes))
+            canvases.append(pool[seed % len(pool)])
+        try:  # encode_pil_to_base64 reads the global options: the request's overrides are restored
+            encoding = Encoding.from_options(self.options) if canvases else Encoding()
+        except ValueError as error:
+            return a1111_error(500, "HTTPException", detail=str(error))
+        body = await asyncio.to_thread(plan.response, canvases, len(outcome.sizes), encoding)
         return Response(body, media_type="application/json")
 
     async def generate(self, req: Txt2ImgRequest, sampler: str) -> tuple[Plan, Outcome] | Response:
@@ -255,7 +259,7 @@ class StandIn:
         for key, value in update.items():
             if key not in self.options:
                 return a1111_error(500, "KeyError", errors=repr(key))
-            self.options[key] = value
+            self.options[key] = self.faults.pinned_options.get(key, value)
             model = self.assets.checkpoint(value) if key == "sd_model_checkpoint" else None
             if model is not None:  # the onchange callback reloads the weights behind the queue lock
                 async with self.lock:

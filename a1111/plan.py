@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from a1111.assets import Checkpoint, Lora, Upscaler, Vae
-from a1111.pngs import png_base64
+from a1111.pngs import Canvas, Encoding, image_base64
 from a1111.shapes import Txt2ImgRequest, quote
 from a1111.tables import VERSION
 
@@ -117,12 +117,16 @@ class Plan:
         }
         return json.dumps(obj, default=lambda o: None)
 
-    def response(self, pngs: list[bytes], images: int) -> bytes:
+    def response(self, canvases: list[Canvas], images: int, encoding: Encoding) -> bytes:
         """The txt2img body (runs in a worker thread: base64 and JSON of MBs take a while).
 
-        ``pngs`` holds the pooled PNG chosen for each image made (their sizes may differ: an interrupt
-        before the hires pass returns first-pass images)."""
+        ``canvases`` holds the pooled canvas chosen for each image made (their sizes may differ: an
+        interrupt before the hires pass returns first-pass images); each is labelled with the prompt
+        and its seed, and encoded as A1111's options say."""
         infotexts = [self.infotext(i) for i in range(max(1, images))]
-        shown = [png_base64(png, "parameters", text) for png, text in zip(pngs, infotexts, strict=False)]
+        shown = [
+            image_base64(canvas, encoding, (self.prompt, self.seeds[i]), text)
+            for i, (canvas, text) in enumerate(zip(canvases, infotexts, strict=False))
+        ]
         body = {"images": shown, "parameters": self.parameters, "info": self.info(infotexts)}
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -5,9 +5,11 @@ skip, options, samplers, schedulers, sd-models, sd-vae, loras, upscalers, latent
 prompt-styles and the refresh endpoints, answering as the recording of the real server does
 (tests/data/a1111-v1.10.1, checked by tests/test_standin_contract.py): same status codes, bodies,
 field order, error shapes (api_middleware's {"error", "detail", "body", "errors"}, pydantic v1's 422,
-FastAPI's 404) and queueing (one generation at a time, in arrival order). Nothing is drawn: a
-sampling pass sleeps ``seconds_per_image * batch_size`` and the images are pooled PNGs of the right
-size (``a1111.pngs``).
+FastAPI's 404) and queueing (one generation at a time, in arrival order). Nothing is sampled: a
+sampling pass sleeps ``seconds_per_image * batch_size`` and the images are pooled canvases of the
+right size with a label drawn on each (seed, size, prompt; ``a1111.pngs``), encoded as the global
+options ``samples_format`` (png, jpg, webp) and ``jpeg_quality`` say when the answer is made, after
+a request's ``override_settings`` were restored, as in A1111 (``POST /sdapi/v1/options`` sets them).
 
     python -m a1111.standin --host 127.0.0.1 --port 7860 --seconds-per-image 0.25 [--startup-delay S]
 
@@ -32,10 +34,13 @@ or ``/refresh-vae`` (the last two wait for the queue lock, as in A1111).
 Knobs A1111 does not have, all under ``/standin/``:
 * ``POST /standin/faults`` merges {"fail_next": N, "fail_status": 500, "fail_error": "OutOfMemoryError",
   "fail_message": "...", "hang_next": N, "crash_next": bool, "crash_after": N|null,
-  "crash_on_prompt": "text"|null} and returns the result; ``GET`` shows it. fail: the call holds the
-  queue a moment, then fails in A1111's shape. hang: it holds the queue until interrupted. crash:
-  ``os._exit(1)`` when its generation starts (crash_after N: on the (N+1)-th generation;
-  crash_on_prompt: every generation whose prompt contains the text, a job that kills A1111).
+  "crash_on_prompt": "text"|null, "pinned_options": {"samples_format": "png"}} and returns the
+  result; ``GET`` shows it. fail: the call holds the queue a moment, then fails in A1111's shape.
+  hang: it holds the queue until interrupted. crash: ``os._exit(1)`` when its generation starts
+  (crash_after N: on the (N+1)-th generation; crash_on_prompt: every generation whose prompt
+  contains the text, a job that kills A1111). pinned_options: options held at a value, as if
+  something else on the node kept setting them (set at once; ``POST /sdapi/v1/options`` answers 200
+  and leaves them so; ``{}`` lets go).
 * ``GET /standin/stats``: {"requests", "images", "busy_seconds", "started_at", "generations":
   [[start, end, n_images], ...], "generations_detail": [{"index", "task_id", "prompt", "seed",
   "all_seeds", "job_timestamp", "interrupted", "skipped", "steps", "steps_done", "steps_total",
@@ -216,6 +221,7 @@ def add_standin_routes(app: FastAPI, standin: StandIn) -> None:
     @app.post("/standin/faults")
     async def set_faults(update: Faults) -> Faults:
         standin.faults = standin.faults.model_copy(update=update.model_dump(exclude_unset=True))
+        standin.options.update(standin.faults.pinned_options)
         return standin.faults
 
     @app.get("/standin/assets")
