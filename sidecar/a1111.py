@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pybase64
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import AiohttpResponseStream
 
@@ -26,6 +27,7 @@ from sidecar.errors import (
     A1111ServerError,
     A1111Timeout,
     A1111Unavailable,
+    A1111WrongFormat,
     TransientError,
 )
 
@@ -43,6 +45,53 @@ WARM_UP = {
 }
 
 
+@dataclass(frozen=True)
+class ImageFormat:
+    """A format A1111 can encode its images in: ``name`` as in SIDECAR_IMAGE_FORMAT (the blobs'
+    extension and job.json's ``image_format``), ``option`` A1111's ``samples_format`` value."""
+
+    name: str
+    option: str
+    content_type: str
+
+    def matches(self, data: bytes) -> bool:
+        """Do these bytes (an image's first 12 are enough) start as a file of this format does?"""
+        return sniff(data) == self.name
+
+
+def sniff(data: bytes) -> str | None:
+    """The format an image's first bytes say: png, jpeg, webp, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+IMAGE_FORMATS = {
+    "png": ImageFormat("png", "png", "image/png"),
+    "webp": ImageFormat("webp", "webp", "image/webp"),
+    "jpeg": ImageFormat("jpeg", "jpg", "image/jpeg"),
+}
+PNG_FORMAT = IMAGE_FORMATS["png"]
+# A generation in another format than the one set is made again after setting it again, this often.
+FORMAT_REMAKES = 3
+
+
+def _head_format(image: str) -> str:
+    """The format of a base64 image from its first 16 characters (12 bytes: the magic of all three)."""
+    try:
+        return sniff(pybase64.b64decode(image[:16], validate=True)) or "unrecognised"
+    except ValueError:
+        return "unrecognised"
+
+
+class _OptionsRefused(Exception):
+    """A1111 refused or did not keep the image options the worker set."""
+
+
 @dataclass
 class Generation:
     """What A1111 returned for one job: base64 images (decoded later, off the generation path)."""
@@ -53,6 +102,7 @@ class Generation:
     finished: float
     request: dict[str, Any] = field(default_factory=dict)  # the body sent
     extra: dict[str, Any] = field(default_factory=dict)
+    image_format: ImageFormat = PNG_FORMAT  # what the images were checked to be
 
     @property
     def seconds(self) -> float:
@@ -116,9 +166,15 @@ class A1111Client:
     it begun. So every interrupt is counted, and a generation in flight while one was sent is answered
     with ``A1111CutShort`` instead of its images: it is generated again, never stored."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, image_format: ImageFormat | None = None, image_quality: int = 80
+    ) -> None:
         self.http = http
         self.interrupts = 0
+        # With a format, A1111's samples_format and jpeg_quality are set at start (before the
+        # warm-up) and every image is checked to be in it; None leaves A1111's options alone.
+        self.image_format = image_format
+        self.image_quality = image_quality
 
     async def wait_ready(
         self, timeout: float, generation_timeout: float, poll: float = 1.0, report_every: float = 15.0
@@ -142,6 +198,8 @@ class A1111Client:
                     raise _auth_refused(response, self.http.auth is not None)
                 if response.status_code == 200:
                     await self.stop_leftover(generation_timeout)
+                    if self.image_format is not None:
+                        await self.set_image_options()
                     left = max(1.0, deadline - time.monotonic())
                     await self.txt2img(WARM_UP, timeout=min(generation_timeout, left))
                     log.info("A1111 is ready", extra={"stage": "a1111_ready"})
@@ -154,6 +212,8 @@ class A1111Client:
             except A1111Rejected as error:
                 raise A1111Unavailable(f"A1111 refused the warm-up generation: {error}") from None
             except A1111AuthRefused as error:  # trying again cannot help: one line, at once
+                raise A1111Unavailable(str(error)) from None
+            except _OptionsRefused as error:
                 raise A1111Unavailable(str(error)) from None
             now = time.monotonic()
             if now + poll > deadline:
@@ -171,6 +231,41 @@ class A1111Client:
                     },
                 )
             await asyncio.sleep(poll)
+
+    async def set_image_options(self) -> None:
+        """Set A1111's global ``samples_format`` and ``jpeg_quality`` (a per-request override cannot
+        work: A1111 encodes after restoring the options) and read them back. _OptionsRefused when
+        A1111 refuses them or keeps other values; httpx errors pass (A1111 not answering)."""
+        image_format = self.image_format or PNG_FORMAT
+        wanted = {"samples_format": image_format.option, "jpeg_quality": self.image_quality}
+        response = await self.http.post("/sdapi/v1/options", json=wanted, timeout=10.0)
+        if response.status_code == 401:
+            raise _auth_refused(response, self.http.auth is not None)
+        if response.status_code != 200:
+            raise _OptionsRefused(
+                f"A1111 refused to set its image format (POST /sdapi/v1/options {wanted}: "
+                f"{response.status_code} {_error_detail(response)})"
+            )
+        response = await self.http.get("/sdapi/v1/options", timeout=10.0)
+        if response.status_code == 401:
+            raise _auth_refused(response, self.http.auth is not None)
+        try:
+            options = response.json() if response.status_code == 200 else None
+        except ValueError:
+            options = None
+        if not isinstance(options, dict):
+            raise _OptionsRefused(
+                f"A1111's options could not be read back after setting its image format "
+                f"(GET /sdapi/v1/options: {response.status_code})"
+            )
+        kept = {key: options.get(key) for key in wanted}
+        if kept != wanted:
+            raise _OptionsRefused(f"A1111 did not keep its image format: set {wanted}, read back {kept}")
+        log.info(
+            "A1111 encodes %s images",
+            image_format.name,
+            extra={"stage": "a1111_ready", **wanted},
+        )
 
     async def busy(self) -> bool:
         """Is A1111 generating now? (``/sdapi/v1/progress``: ``state.job`` is set while a job runs.)"""
@@ -204,7 +299,46 @@ class A1111Client:
         self, payload: dict[str, Any], timeout: float, after: asyncio.Future[Any] | None = None
     ) -> Generation:
         """One generation. With ``after`` (the request ahead of this one at A1111's queue lock), this
-        request is sent at once and waits at A1111, and its deadline starts only once ``after`` is done."""
+        request is sent at once and waits at A1111, and its deadline starts only once ``after`` is done.
+
+        With an image format set, an answer whose images are in another one (someone changed A1111's
+        ``samples_format`` behind the worker's back) is thrown away: the option is set again and the
+        generation made again, up to FORMAT_REMAKES times, then A1111WrongFormat. Never stored."""
+        expected = self.image_format
+        if expected is None:
+            return await self._txt2img(payload, timeout, after)
+        found = "unrecognised"
+        for remake in range(FORMAT_REMAKES + 1):
+            generation = await self._txt2img(payload, timeout, after)
+            wrong = [kind for kind in map(_head_format, generation.images) if kind != expected.name]
+            if not wrong:
+                generation.image_format = expected
+                return generation
+            found = wrong[0]
+            after = None  # what it waited behind is over
+            if remake == FORMAT_REMAKES:
+                break
+            log.warning(
+                "A1111 sent %s images where %s was set (its samples_format was changed behind the "
+                "worker's back): not stored; setting it again and generating again",
+                found,
+                expected.name,
+                extra={"stage": "generate", "found": found, "expected": expected.name},
+            )
+            try:
+                await self.set_image_options()
+            except (_OptionsRefused, httpx.HTTPError) as error:
+                log.warning(
+                    "setting A1111's image format again failed: %s", error, extra={"stage": "generate"}
+                )
+        raise A1111WrongFormat(
+            f"A1111 sent {found} images where {expected.name} was set, {FORMAT_REMAKES + 1} times, "
+            "its samples_format set again each time; none was stored"
+        )
+
+    async def _txt2img(
+        self, payload: dict[str, Any], timeout: float, after: asyncio.Future[Any] | None
+    ) -> Generation:
         started = time.time()
         interrupts = self.interrupts
         # No read timeout of httpx's own: a queued request legitimately waits a whole generation.

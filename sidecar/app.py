@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sidecar import __version__
-from sidecar.a1111 import A1111Client, http_client
+from sidecar.a1111 import IMAGE_FORMATS, A1111Client, http_client
 from sidecar.assets import Catalog
 from sidecar.config import Settings
 from sidecar.credentials import earliest_expiry
@@ -65,7 +65,7 @@ async def run_worker(
     metrics = Metrics(settings.generation_timeout, storage_codes=STORAGE_ERROR_CODES)
     storage = Storage.connect(settings)
     async with http_client(settings.a1111_url, settings.a1111_credentials) as http:
-        a1111 = A1111Client(http)
+        a1111 = A1111Client(http, IMAGE_FORMATS[settings.image_format], settings.image_quality)
         catalog = Catalog(
             http,
             refresh_interval=settings.asset_refresh_interval,

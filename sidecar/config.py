@@ -12,7 +12,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     affinity_max_wait: float = Field(default=30.0, ge=0, le=3600)
     http_port: int = Field(default=8000, ge=0, le=65535)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # The format A1111 encodes its images in (its global samples_format, set at start) and the blobs
+    # are stored in; the quality is A1111's jpeg_quality (JPEG and WEBP; default as A1111's).
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    image_quality: int = Field(default=80, ge=1, le=100)
 
     # Beyond the contract: knobs an operator may need, with production defaults.
     worker_id: str = Field(default_factory=socket.gethostname)
@@ -107,6 +111,15 @@ class Settings(BaseSettings):
     face_restoration_available: bool = False
     log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
     summary_interval: float = Field(default=60.0, gt=0)
+
+    @field_validator("image_format", mode="before")
+    @classmethod
+    def _image_format_name(cls, value: object) -> object:
+        # "JPEG" and A1111's own "jpg" mean jpeg too
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpeg" if value == "jpg" else value
+        return value
 
     @field_validator("queue_name", mode="before")
     @classmethod

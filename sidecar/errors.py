@@ -74,6 +74,12 @@ class A1111CutShort(TransientError):
     pass
 
 
+class A1111WrongFormat(TransientError):
+    """A1111 kept sending images in another format than the one the worker set (its global
+    ``samples_format`` changed behind the worker's back, and setting it again did not hold): nothing
+    of the generation is stored; the job is not at fault."""
+
+
 class A1111ServerError(TransientError):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(f"A1111 answered {status}: {detail}")

@@ -19,14 +19,21 @@ import pybase64
 from sidecar import __version__
 from sidecar.a1111 import Generation
 from sidecar.backoff import retry_log_extra
-from sidecar.errors import A1111ServerError, FatalError, SidecarError, TransientError, Unexpected
+from sidecar.errors import (
+    A1111ServerError,
+    A1111WrongFormat,
+    FatalError,
+    SidecarError,
+    TransientError,
+    Unexpected,
+)
 from sidecar.observability import Metrics
 from sidecar.pipeline.book import Book, Held
 from sidecar.pipeline.ports import Store
 from sidecar.pipeline.settle import Settler
 from sidecar.pipeline.stop import Stop
 from sidecar.policy import Reporting
-from sidecar.storage import JSON, PNG
+from sidecar.storage import JSON
 
 log = logging.getLogger("sidecar.worker")  # the worker's log lines keep their logger's name
 
@@ -90,12 +97,17 @@ class Finisher:
                 error = A1111ServerError(200, "txt2img returned an image that is not base64")
                 await self.settler.fail(held, error)
                 return
-            names = [f"{job.id}/{index}.png" for index in range(len(images))]
+            kind = generation.image_format
+            if not all(kind.matches(data) for data in images):  # never stored as what it is not
+                wrong = A1111WrongFormat(f"txt2img returned an image that is not {kind.name}")
+                await self.settler.fail(held, wrong)
+                return
+            names = [f"{job.id}/{index}.{kind.name}" for index in range(len(images))]
             with self.metrics.stage("upload"):
                 await self.stop.guard(
                     asyncio.gather(
                         *(
-                            self.storage.upload(name, data, PNG)
+                            self.storage.upload(name, data, kind.content_type)
                             for name, data in zip(names, images, strict=True)
                         )
                     )
@@ -138,6 +150,7 @@ class Finisher:
             "request": generation.request,
             "info": generation.info,
             "images": names,
+            "image_format": generation.image_format.name,
             "timings": timings,
             "worker": {"id": self.reporting.worker_id, "version": __version__},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
