@@ -13,8 +13,9 @@ hands out the jobs it holds in a better order:
 * a hard bound on how long a job is *passed over* (from the first time a job fetched after it was taken
   before it, until it is taken itself): ``SIDECAR_AFFINITY_MAX_WAIT`` seconds. Before a group of jobs of
   another checkpoint would run past it (the time to serve the groups due earlier, the switches
-  included, as measured between takes), that group is served at once, and then served out before
-  anything else may take its place; ``0`` hands the jobs out in the order they were fetched.
+  included, as measured between takes, plus one long interval of slack), that group is served at
+  once, and then served out before anything else may take its place; ``0`` hands the jobs out in
+  the order they were fetched.
 
 Each job's passed-over seconds go into its ``timings`` (``passed_over_s``: the ``job done`` line,
 ``job.json`` and the result message).
@@ -140,7 +141,10 @@ class Window(asyncio.Queue[Held | None]):
             if passed:
                 deadlines.append((min(passed) + self.max_wait, members))
         deadlines.sort(key=lambda item: item[0])
-        step, elapsed = self.step(), 0.0
+        # Slack of one long interval: the next take may come only after a checkpoint load still ahead
+        # at A1111 (with queue-ahead, the job sent last may be the one that loads).
+        step = self.step()
+        elapsed = max(step, self._switch_cost)
         for deadline, members in deadlines:
             elapsed += self._switch_cost + step * len(members)
             if deadline - now <= elapsed:
