@@ -113,10 +113,13 @@ class Window(asyncio.Queue[Held | None]):
         loaded = self.loaded
         same = [e for e in entries if e.affinity.checkpoint == loaded.checkpoint]
         serving_due = any(e.passed_since is not None and e.passed_since < self._run_started for e in same)
-        if not serving_due:
-            due = self._due_group(entries, now)
-            if due is not None:
-                return due
+        if serving_due:
+            return same[0]  # a due group is served out in fetch order, its LoRA sets mixed
+        # jobs of the loaded checkpoint passed over for another LoRA set: never left behind
+        lagging = [e for e in same if e.passed_since is not None]
+        due = self._due_group(entries, now, len(lagging))
+        if due is not None:
+            return lagging[0] if lagging else due
         if same:
             # Another LoRA set within the checkpoint costs little: the oldest job of the checkpoint
             # goes first once its passed-over jobs, taken one a step, would run past the bound.
@@ -128,9 +131,10 @@ class Window(asyncio.Queue[Held | None]):
             return same[0]
         return entries[0]
 
-    def _due_group(self, entries: list[_Entry], now: float) -> _Entry | None:
+    def _due_group(self, entries: list[_Entry], now: float, lagging: int = 0) -> _Entry | None:
         """The oldest job of the checkpoint that must be served now for every group of passed-over jobs
-        to be taken within the bound (earliest deadline first, each group served whole), if any."""
+        to be taken within the bound (earliest deadline first, each group served whole, after the
+        ``lagging`` passed-over jobs of the loaded checkpoint), if any."""
         groups: dict[str | None, list[_Entry]] = {}
         for entry in entries:
             if entry.affinity.checkpoint != self.loaded.checkpoint:
@@ -144,7 +148,7 @@ class Window(asyncio.Queue[Held | None]):
         # Slack of one long interval: the next take may come only after a checkpoint load still ahead
         # at A1111 (with queue-ahead, the job sent last may be the one that loads).
         step = self.step()
-        elapsed = max(step, self._switch_cost)
+        elapsed = max(step, self._switch_cost) + step * lagging
         for deadline, members in deadlines:
             elapsed += self._switch_cost + step * len(members)
             if deadline - now <= elapsed:
