@@ -247,3 +247,34 @@ def test_a_job_passed_over_keeps_its_lease_renewed_while_it_waits() -> None:
             lease.abandon()
 
     asyncio.run(main())
+
+
+def test_leaving_a_checkpoint_takes_its_jobs_passed_over_for_another_lora_set_first() -> None:
+    """Steps: "a" jobs with LoRA x keep coming; an "a" job with LoRA y and a "b" job wait (bound 10 s,
+    1 s a generation, 4 s after a switch). When "b" falls due, the "a"/y job is taken first (leaving
+    it behind would start its clock anew on the other side of two switches), then "b"; no job is
+    passed over past the bound."""
+
+    async def main() -> None:
+        rig = Rig(policies())
+        clock = FakeClock()
+        bound = 10.0
+        window = Window(bound, clock)
+        for n, (ckpt, lora) in enumerate([("a", "x:1"), ("a", "y:1"), ("b", None)]):
+            window.put_nowait(await rig.hold(job(ckpt, lora, n)))
+        taken: list[Held] = []
+        for n in range(3, 30):
+            window.put_nowait(await rig.hold(job("a", "x:1", n)))
+            held = window.get_nowait()
+            assert held is not None
+            switched = (
+                bool(taken) and affinity_of(taken[-1].job).checkpoint != affinity_of(held.job).checkpoint
+            )
+            taken.append(held)
+            clock.advance(4.0 if switched else 1.0)
+        ids = [h.job.id for h in taken]
+        assert ids.index("job-1") == ids.index("job-2") - 1  # a/y, then b
+        assert max(h.passed_over_s for h in taken) <= bound
+        rig.close()
+
+    asyncio.run(main())
