@@ -44,7 +44,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check sidecar a1111 tests
+	$(PY) -m ruff check sidecar a1111 tests scripts
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
 

@@ -107,8 +107,8 @@ def count_requests(counter: RequestCounter) -> None:
             counter.receives["messages"] += len(messages)
         return messages
 
-    aiohttp.ClientSession._request = counted  # type: ignore[method-assign]
-    Storage.receive = counted_receive  # type: ignore[method-assign]
+    aiohttp.ClientSession._request = counted  # type: ignore[method-assign,assignment]
+    Storage.receive = counted_receive  # type: ignore[method-assign,assignment]
 
 
 def jobs(count: int, poison_every: int) -> list[tuple[str, bool]]:

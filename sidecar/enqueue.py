@@ -176,7 +176,7 @@ def lines_of(path: str | Path, start_line: int = 1) -> JsonlFile:
     return JsonlFile(path, start_line)
 
 
-def generated(count: int, seed: int, start_line: int = 1) -> Iterator[Item]:
+def generated(count: int, seed: int, start_line: int = 1) -> Iterator[tuple[int, str]]:
     """Benchmark-style jobs as (number, JSON text), numbered from 1 like the lines of a file."""
     for number, job in enumerate(generate_jobs(count, seed), start=1):
         if number >= start_line:

@@ -145,7 +145,7 @@ def run_cli(settings: Settings, *args: str, timeout: float = 60) -> subprocess.C
 
 
 @pytest.fixture
-async def own_standin() -> AsyncIterator[Any]:
+async def own_standin() -> Any:
     """A stand-in of the test's own: ``async with own_standin(0.5, ["--crash-after", "3"]) as a1111``."""
     from sidecar.dev.devenv import standin
 

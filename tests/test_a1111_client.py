@@ -25,6 +25,6 @@ async def test_waiting_for_a1111_says_every_so_often_what_it_waits_for(
     waits = [r for r in caplog.records if r.getMessage().startswith("waiting for A1111 at")]
     assert 2 <= len(waits) <= 4, [r.getMessage() for r in waits]
     assert all(f"Cannot connect to host 127.0.0.1:{port}" in r.getMessage() for r in waits)
-    waited = [r.waited_s for r in waits]
+    waited = [r.__dict__["waited_s"] for r in waits]
     assert waited == sorted(waited) and waited[0] >= 0.5
-    assert all(r.stage == "a1111_wait" for r in waits)
+    assert all(r.__dict__["stage"] == "a1111_wait" for r in waits)

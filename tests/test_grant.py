@@ -27,13 +27,14 @@ JOB = {"prompt": "a red bicycle <lora:add_detail:0.6>", "sampler_name": "k_euler
 
 
 def node_settings(make_settings: Any, settings: Settings, grant_settings: dict[str, str]) -> Settings:
-    return make_settings(
+    node: Settings = make_settings(
         storage_connection_string=grant_settings["SIDECAR_STORAGE_CONNECTION_STRING"],
         blob_connection_string=grant_settings["SIDECAR_BLOB_CONNECTION_STRING"],
         queue_name=settings.queue_name[0],
         container_name=settings.container_name,
         result_queue_name=settings.result_queue_name,
     )
+    return node
 
 
 @pytest.fixture

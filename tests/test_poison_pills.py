@@ -272,7 +272,7 @@ async def test_an_exception_nobody_planned_for_poisons_only_its_message(
     from sidecar.jobs import Job
     from sidecar.pipeline import fetch as fetch_stage
 
-    real_parse, real_payload = fetch_stage.parse_job, Job.txt2img_payload
+    real_parse, real_payload = fetch_stage.__dict__["parse_job"], Job.txt2img_payload
 
     def parse(text: str, *args: Any, **kwargs: Any) -> Any:
         if "explode-in-validation" in text:

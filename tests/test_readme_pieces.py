@@ -107,7 +107,7 @@ async def stop_group(group: int, timeout: float = 40) -> None:
     """SIGTERM to what the block left running (the worker drains), SIGKILL to what is left after."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    sig = signal.SIGTERM
+    sig: int = signal.SIGTERM
     while True:
         try:
             os.killpg(group, sig)

@@ -88,7 +88,11 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
         for _ in range(3):
             worker = WorkerProcess(settings, log_dir=tmp_path)
             try:
-                await worker.wait_for(lambda w=worker: len(w.done_jobs()) >= 4, what="4 jobs done")
+
+                def four_done(running: WorkerProcess = worker) -> bool:
+                    return len(running.done_jobs()) >= 4
+
+                await worker.wait_for(four_done, what="4 jobs done")
             finally:
                 worker.signal(signal.SIGKILL)
                 ends.append(await worker.wait_exit())

@@ -31,7 +31,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from packaging.requirements import Requirement
 
-from sidecar.config import Settings
+from sidecar.config import Settings, load_settings
 from sidecar.grant import make_grant
 from sidecar.supervisor import Supervisor
 
@@ -387,7 +387,7 @@ def test_gpu_image_caches_the_hub_files_online_then_runs_offline() -> None:
     instructions = parse_dockerfile().stages["gpu"].instructions
     caching = [i for i, (kw, body) in enumerate(instructions) if kw == "RUN" and "from_pretrained(" in body]
     assert caching, "the gpu stage no longer caches the Hugging Face files"
-    set_at = {}
+    set_at: dict[str, int] = {}
     for index, (keyword, body) in enumerate(instructions):
         if keyword == "ENV":
             for token in shlex.split(body):
@@ -588,8 +588,8 @@ def granted_env(service: dict[str, Any]) -> dict[str, str]:
     assert volume, f"the worker does not mount the volume {path} is written to"
     days = float(command_of(writer)[command_of(writer).index("--days") + 1])
     env = {**image_env(writer), **service_env(writer)}
-    admin = Settings(
-        **{k.removeprefix("SIDECAR_").lower(): v for k, v in env.items() if k.startswith("SIDECAR_")}
+    admin = load_settings(
+        {k.removeprefix("SIDECAR_").lower(): v for k, v in env.items() if k.startswith("SIDECAR_")}
     )
     return dict(line.split("=", 1) for line in make_grant(admin, days).lines())
 
