@@ -104,7 +104,7 @@ async def run_worker(
                 background = [asyncio.create_task(metrics.summarize(settings.summary_interval))]
                 expiry = earliest_expiry(settings)
                 if expiry is not None:
-                    metrics.credential_expiry.set_function(expiry.seconds_left)
+                    metrics.watch_credential_expiry(expiry.seconds_left)
                     background.append(asyncio.create_task(watch_expiry(expiry, worker.credential_expired)))
                 try:
                     code = await worker.run()

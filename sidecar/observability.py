@@ -241,11 +241,6 @@ class Metrics:
             "Generations thrown away unstored because an interrupt may have cut them short",
             registry=registry,
         )
-        self.credential_expiry = Gauge(
-            "sidecar_credential_expiry_seconds",
-            "Seconds until the storage SAS expires (absent with an account key or Azure AD)",
-            registry=registry,
-        )
         # Every label value at 0 from the start: rate() and increase() see the first failure.
         for outcome in OUTCOMES:
             self.jobs.labels(outcome)
@@ -299,6 +294,15 @@ class Metrics:
             return
         now = time.time() if now is None else now
         self.job_age.labels(at).observe(max(0.0, now - inserted_on))
+
+    def watch_credential_expiry(self, seconds_left: Callable[[], float]) -> None:
+        """Export the seconds until the storage SAS expires. Only a worker holding a SAS has the
+        series: with an account key or Azure AD it is absent, never a 0 an alert would read as due."""
+        Gauge(
+            "sidecar_credential_expiry_seconds",
+            "Seconds until the storage SAS expires (absent with an account key or Azure AD)",
+            registry=self.registry,
+        ).set_function(seconds_left)
 
     def totals(self) -> dict[str, float]:
         """Images and jobs by outcome so far, for the periodic summary line."""
