@@ -13,7 +13,7 @@ hands out the jobs it holds in a better order:
 * a hard bound on how long a job is *passed over* (from the first time a job fetched after it was taken
   before it, until it is taken itself): ``SIDECAR_AFFINITY_MAX_WAIT`` seconds. Before a group of jobs of
   another checkpoint would run past it (the time to serve the groups due earlier, the switches
-  included, as measured between takes, plus one long interval of slack), that group is served at
+  included, as measured between takes, plus two long intervals of slack), that group is served at
   once, and then served out before anything else may take its place; ``0`` hands the jobs out in
   the order they were fetched.
 
@@ -145,10 +145,11 @@ class Window(asyncio.Queue[Held | None]):
             if passed:
                 deadlines.append((min(passed) + self.max_wait, members))
         deadlines.sort(key=lambda item: item[0])
-        # Slack of one long interval: the next take may come only after a checkpoint load still ahead
-        # at A1111 (with queue-ahead, the job sent last may be the one that loads).
+        # Slack of two long intervals: the next take may come only after a checkpoint load still
+        # ahead at A1111 (with queue-ahead, the job sent last may be the one that loads), and the
+        # estimates are of what was, not of what comes.
         step = self.step()
-        elapsed = max(step, self._switch_cost) + step * lagging
+        elapsed = 2 * max(step, self._switch_cost) + step * lagging
         for deadline, members in deadlines:
             elapsed += self._switch_cost + step * len(members)
             if deadline - now <= elapsed:
