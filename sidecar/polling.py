@@ -32,7 +32,7 @@ class Poller:
         self.prefer_for = prefer_for
         self.preferred: str | None = None
         self._preferred_since = 0.0
-        self._home: dict[str | None, str] = {}  # checkpoint -> the shard it last came from
+        self._carries: dict[str, set[str | None]] = {}  # shard -> the checkpoints its jobs named
         self.min_interval = min_interval
         self.max_interval = max_interval
         self.clock = clock
@@ -63,13 +63,15 @@ class Poller:
     def carried(self, queue: str, checkpoints: list[str | None]) -> None:
         """Jobs for these checkpoints came from ``queue``."""
         if len(self.queues) > 1:
-            for checkpoint in checkpoints:
-                self._home[checkpoint] = queue
+            self._carries.setdefault(queue, set()).update(checkpoints)
 
     def prefer(self, checkpoint: str | None) -> None:
-        """A1111 has ``checkpoint`` loaded: prefer the shard its jobs came from (a new preference
-        starts its ``prefer_for`` seconds)."""
-        queue = self._home.get(checkpoint)
+        """A1111 has ``checkpoint`` loaded: prefer the one shard its jobs come from (a new preference
+        starts its ``prefer_for`` seconds). None while a shard is unknown (neither received from nor
+        found empty) or when several carry it: shards filled round-robin are polled fairly."""
+        known = all(q in self._carries or self._empty[q] for q in self.queues)
+        homes = [q for q, carried in self._carries.items() if checkpoint in carried]
+        queue = homes[0] if known and len(homes) == 1 else None
         if queue != self.preferred:
             self.preferred, self._preferred_since = queue, self.clock()
 

@@ -161,6 +161,10 @@ def test_the_poller_prefers_the_shard_of_the_loaded_checkpoint_within_the_bound(
     assert fair == ["jobs-a", "jobs-b", "jobs-c"]  # nothing learnt yet: the rotation
     poller.carried("jobs-b", ["b.safetensors"])
     poller.prefer("b.safetensors")
+    assert poller.preferred is None  # jobs-c not seen yet: it may carry b too
+    poller.carried("jobs-a", ["a.safetensors"])
+    poller.carried("jobs-c", ["c.safetensors"])
+    poller.prefer("b.safetensors")
     assert [poller.due()[0] for _ in range(3)] == ["jobs-b"] * 3
     poller.empty("jobs-b")  # ran dry: backed off, the others are polled
     assert "jobs-b" not in poller.due()
@@ -171,6 +175,15 @@ def test_the_poller_prefers_the_shard_of_the_loaded_checkpoint_within_the_bound(
     poller.carried("jobs-c", ["c.safetensors"])
     poller.prefer("c.safetensors")  # a new preference starts its own bound
     assert poller.due()[0] == "jobs-c"
+
+
+def test_shards_filled_round_robin_get_no_preference() -> None:
+    poller = Poller(["jobs-a", "jobs-b"], 0.1, 10.0, FakeClock(), prefer_for=30.0)
+    poller.carried("jobs-a", [None, "x"])
+    poller.carried("jobs-b", [None])
+    poller.prefer(None)
+    assert poller.preferred is None
+    assert [poller.due()[0] for _ in range(4)] == ["jobs-a", "jobs-b"] * 2
 
 
 def test_a_single_queue_learns_no_shards() -> None:
