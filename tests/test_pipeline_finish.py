@@ -47,7 +47,7 @@ async def test_images_and_job_json_are_stored_then_the_message_deleted(make_rig:
     assert record["job"] == {**JOB, "id": "done", "batch_size": 2}
     assert record["info"] == {"all_seeds": [11, 12]} and record["request"] == {"prompt": "p"}
     assert record["worker"] == {"id": "fake-worker", "version": __version__}
-    assert set(record["timings"]) == {"queued_s", "generate_s", "upload_s"}
+    assert set(record["timings"]) == {"queued_s", "generate_s", "upload_s", "passed_over_s"}
     ops = [call.op for call in rig.store.calls if call.op in {"upload", "delete"}]
     assert ops == ["upload", "upload", "upload", "delete"]  # deleted only after every blob
     assert rig.store.queues[QUEUE] == [] and rig.book.outcomes == {"succeeded": 1}
