@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
-import pybase64
-from httpx_aiohttp import AiohttpTransport
-from httpx_aiohttp.transport import AiohttpResponseStream
 
+from sidecar.a1111.formats import FORMAT_REMAKES, PNG_FORMAT, ImageFormat, head_format
+from sidecar.a1111.http import Generation, auth_refused, error_detail
 from sidecar.errors import (
     A1111AuthRefused,
     A1111CutShort,
@@ -31,7 +29,7 @@ from sidecar.errors import (
     TransientError,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sidecar.a1111")  # the name operators filter on, as before the split
 
 WARM_UP = {
     "prompt": "warm-up",
@@ -45,118 +43,8 @@ WARM_UP = {
 }
 
 
-@dataclass(frozen=True)
-class ImageFormat:
-    """A format A1111 can encode its images in: ``name`` as in SIDECAR_IMAGE_FORMAT (the blobs'
-    extension and job.json's ``image_format``), ``option`` A1111's ``samples_format`` value."""
-
-    name: str
-    option: str
-    content_type: str
-
-    def matches(self, data: bytes) -> bool:
-        """Do these bytes (an image's first 12 are enough) start as a file of this format does?"""
-        return sniff(data) == self.name
-
-
-def sniff(data: bytes) -> str | None:
-    """The format an image's first bytes say: png, jpeg, webp, or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-IMAGE_FORMATS = {
-    "png": ImageFormat("png", "png", "image/png"),
-    "webp": ImageFormat("webp", "webp", "image/webp"),
-    "jpeg": ImageFormat("jpeg", "jpg", "image/jpeg"),
-}
-PNG_FORMAT = IMAGE_FORMATS["png"]
-# A generation in another format than the one set is made again after setting it again, this often.
-FORMAT_REMAKES = 3
-
-
-def _head_format(image: str) -> str:
-    """The format of a base64 image from its first 16 characters (12 bytes: the magic of all three)."""
-    try:
-        return sniff(pybase64.b64decode(image[:16], validate=True)) or "unrecognised"
-    except ValueError:
-        return "unrecognised"
-
-
 class _OptionsRefused(Exception):
     """A1111 refused or did not keep the image options the worker set."""
-
-
-@dataclass
-class Generation:
-    """What A1111 returned for one job: base64 images (decoded later, off the generation path)."""
-
-    images: list[str]
-    info: dict[str, Any]
-    started: float
-    finished: float
-    request: dict[str, Any] = field(default_factory=dict)  # the body sent
-    extra: dict[str, Any] = field(default_factory=dict)
-    image_format: ImageFormat = PNG_FORMAT  # what the images were checked to be
-
-    @property
-    def seconds(self) -> float:
-        return self.finished - self.started
-
-    @property
-    def seeds(self) -> list[int]:
-        seeds = self.info.get("all_seeds")
-        if isinstance(seeds, list):
-            return [int(s) for s in seeds if isinstance(s, int)]
-        seed = self.info.get("seed")
-        return [seed] if isinstance(seed, int) else []
-
-
-def _error_detail(response: httpx.Response) -> str:
-    """A1111's error shape is {"error", "detail", "body", "errors"}; FastAPI's 422 is {"detail": [...]}."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    if isinstance(body, dict):
-        parts = [str(body[key]) for key in ("error", "detail", "errors") if body.get(key)]
-        if parts:
-            return ": ".join(dict.fromkeys(parts))[:1000]
-    return str(body)[:1000]
-
-
-# A txt2img answer is ~600 KB of JSON per image: read it in a few large chunks rather than forty.
-AiohttpResponseStream.CHUNK_SIZE = 1 << 20
-
-
-def http_client(base_url: str, auth: tuple[str, str] | None = None) -> httpx.AsyncClient:
-    """httpx over aiohttp's transport (C HTTP parser): half the CPU per txt2img of httpcore's pure-Python
-    HTTP/1.1 stack, which parses and copies the whole base64 answer in 64 KB steps. ``auth``: the
-    user and password of A1111's ``--api-auth``, sent as HTTP Basic on every call."""
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    transport = AiohttpTransport(limits=limits, trust_env=False)
-    return httpx.AsyncClient(
-        base_url=base_url,
-        transport=transport,
-        timeout=30.0,
-        auth=httpx.BasicAuth(*auth) if auth is not None else None,
-    )
-
-
-def _auth_refused(response: httpx.Response, sent: bool) -> A1111AuthRefused:
-    """A 401: A1111 runs with --api-auth and the credentials are missing or wrong (never the job's fault)."""
-    detail = _error_detail(response)
-    if sent:
-        return A1111AuthRefused(f"A1111 refused the credentials in SIDECAR_A1111_API_AUTH (401: {detail})")
-    return A1111AuthRefused(
-        f"A1111 asks for credentials (401: {detail}): set SIDECAR_A1111_API_AUTH to the user:password "
-        "of its --api-auth"
-    )
 
 
 class A1111Client:
@@ -195,7 +83,7 @@ class A1111Client:
             try:
                 response = await self.http.get("/sdapi/v1/sd-models", timeout=10.0)
                 if response.status_code == 401:
-                    raise _auth_refused(response, self.http.auth is not None)
+                    raise auth_refused(response, self.http.auth is not None)
                 if response.status_code == 200:
                     await self.stop_leftover(generation_timeout)
                     if self.image_format is not None:
@@ -240,15 +128,15 @@ class A1111Client:
         wanted = {"samples_format": image_format.option, "jpeg_quality": self.image_quality}
         response = await self.http.post("/sdapi/v1/options", json=wanted, timeout=10.0)
         if response.status_code == 401:
-            raise _auth_refused(response, self.http.auth is not None)
+            raise auth_refused(response, self.http.auth is not None)
         if response.status_code != 200:
             raise _OptionsRefused(
                 f"A1111 refused to set its image format (POST /sdapi/v1/options {wanted}: "
-                f"{response.status_code} {_error_detail(response)})"
+                f"{response.status_code} {error_detail(response)})"
             )
         response = await self.http.get("/sdapi/v1/options", timeout=10.0)
         if response.status_code == 401:
-            raise _auth_refused(response, self.http.auth is not None)
+            raise auth_refused(response, self.http.auth is not None)
         try:
             options = response.json() if response.status_code == 200 else None
         except ValueError:
@@ -310,7 +198,7 @@ class A1111Client:
         found = "unrecognised"
         for remake in range(FORMAT_REMAKES + 1):
             generation = await self._txt2img(payload, timeout, after)
-            wrong = [kind for kind in map(_head_format, generation.images) if kind != expected.name]
+            wrong = [kind for kind in map(head_format, generation.images) if kind != expected.name]
             if not wrong:
                 generation.image_format = expected
                 return generation
@@ -365,11 +253,11 @@ class A1111Client:
         if self.interrupts != interrupts:
             raise A1111CutShort("A1111 was interrupted while this generation may have been running")
         if response.status_code >= 500:
-            raise A1111ServerError(response.status_code, _error_detail(response))
+            raise A1111ServerError(response.status_code, error_detail(response))
         if response.status_code == 401:
-            raise _auth_refused(response, self.http.auth is not None)
+            raise auth_refused(response, self.http.auth is not None)
         if response.status_code >= 400:
-            raise A1111Rejected(response.status_code, _error_detail(response))
+            raise A1111Rejected(response.status_code, error_detail(response))
         try:
             # orjson: the body is ~600 KB of base64 per image, parsed on the generation path.
             body = orjson.loads(response.content)
