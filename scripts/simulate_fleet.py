@@ -2,7 +2,7 @@
 
 Starts Azurite and one A1111 stand-in per worker (each node has its own GPU), enqueues J generated
 jobs over S shards (every ``--poison-every``-th one invalid, to take the poison path), then runs K
-workers in this process (``sidecar.cli.run_worker``, distinct worker ids, ``--exit-when-empty``) with
+workers in this process (``sidecar.app.run_worker``, distinct worker ids, ``--exit-when-empty``) with
 a result queue. Every HTTP request the workers make to storage is counted at the aiohttp level (so
 retries count too) and sorted by what it is: receive, renew/release (update), delete, put on a job,
 poison or result queue, blob put, set-up. ``Storage.receive`` is wrapped as well, to tell receives
