@@ -19,7 +19,9 @@ from pydantic import SecretStr
 
 from sidecar.config import Settings, load_settings
 from sidecar.dev.devenv import Azurite, Child, Standin, azurite_binary, free_port, new_azurite, standin_argv
+from sidecar.policy import Policies
 from sidecar.storage import Storage
+from tests.rig import MakeRig, Rig
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -150,3 +152,19 @@ async def own_standin() -> Any:
     from sidecar.dev.devenv import standin
 
     return standin
+
+
+@pytest.fixture
+def make_rig() -> Iterator[MakeRig]:
+    """``make_rig(policies(...))``: the pipeline's stages over in-memory fakes (tests/rig.py), each
+    closed when the test ends."""
+    rigs: list[Rig] = []
+
+    def make(chosen: Policies) -> Rig:
+        rig = Rig(chosen)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()

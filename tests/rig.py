@@ -3,7 +3,7 @@ stop, with policies for tests: instant retries, a lease never renewed within a t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,3 +116,6 @@ class Rig:
         """Stop every lease's renewer (the test is over)."""
         for lease in list(self.book.held):
             lease.abandon()
+
+
+MakeRig = Callable[[Policies], Rig]

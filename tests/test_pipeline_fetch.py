@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from sidecar.errors import CatalogError, StorageRefused, StorageUnavailable
 from sidecar.pipeline.book import Held
 from sidecar.pipeline.stop import StopReason
-from sidecar.policy import PipelinePolicy, Policies, RunLimits, TriesPolicy
+from sidecar.policy import PipelinePolicy, RunLimits, TriesPolicy
 from tests.fakes import missing_lora, unknown_sampler
-from tests.rig import JOB, QUEUE, Rig, policies
-
-MakeRig = Callable[[Policies], Rig]
-
-
-@pytest.fixture
-async def make_rig() -> AsyncIterator[MakeRig]:
-    rigs: list[Rig] = []
-
-    def make(chosen: Policies) -> Rig:
-        rig = Rig(chosen)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+from tests.rig import JOB, QUEUE, MakeRig, policies
 
 
 async def test_valid_jobs_are_held_under_a_lease(make_rig: MakeRig) -> None:

@@ -5,33 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from sidecar import __version__
 from sidecar.errors import StorageRefused, StorageUnavailable
 from sidecar.pipeline.stop import StopReason
-from sidecar.policy import PipelinePolicy, Policies
+from sidecar.policy import PipelinePolicy
 from sidecar.storage import JSON, PNG
 from tests.fakes import PNG_BYTES, generation
-from tests.rig import JOB, QUEUE, Rig, policies
-
-MakeRig = Callable[[Policies], Rig]
-
-
-@pytest.fixture
-async def make_rig() -> AsyncIterator[MakeRig]:
-    rigs: list[Rig] = []
-
-    def make(chosen: Policies) -> Rig:
-        rig = Rig(chosen)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+from tests.rig import JOB, QUEUE, MakeRig, policies
 
 
 async def test_images_and_job_json_are_stored_then_the_message_deleted(make_rig: MakeRig) -> None:

@@ -4,7 +4,6 @@ A1111 gone, queue-ahead order, the interrupt when cut off."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -12,25 +11,9 @@ from sidecar.a1111 import Generation
 from sidecar.errors import A1111AuthRefused, A1111CutShort, A1111Rejected, A1111ServerError, A1111Unavailable
 from sidecar.pipeline.book import Held
 from sidecar.pipeline.stop import StopReason
-from sidecar.policy import GenerationPolicy, Policies, TriesPolicy
+from sidecar.policy import GenerationPolicy, TriesPolicy
 from tests.fakes import generation
-from tests.rig import JOB, Rig, policies
-
-MakeRig = Callable[[Policies], Rig]
-
-
-@pytest.fixture
-async def make_rig() -> AsyncIterator[MakeRig]:
-    rigs: list[Rig] = []
-
-    def make(chosen: Policies) -> Rig:
-        rig = Rig(chosen)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+from tests.rig import JOB, MakeRig, policies
 
 
 async def test_a_generation_is_returned_with_the_jobs_payload_and_deadline(make_rig: MakeRig) -> None:

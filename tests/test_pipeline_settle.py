@@ -4,7 +4,6 @@ at once), A1111 gone, too many failures in a row, --max-jobs, storage away or re
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -18,24 +17,8 @@ from sidecar.errors import (
     StorageUnavailable,
 )
 from sidecar.pipeline.stop import StopReason
-from sidecar.policy import Policies, RunLimits, TriesPolicy
-from tests.rig import JOB, QUEUE, Rig, policies
-
-MakeRig = Callable[[Policies], Rig]
-
-
-@pytest.fixture
-async def make_rig() -> AsyncIterator[MakeRig]:
-    rigs: list[Rig] = []
-
-    def make(chosen: Policies) -> Rig:
-        rig = Rig(chosen)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+from sidecar.policy import RunLimits, TriesPolicy
+from tests.rig import JOB, QUEUE, MakeRig, policies
 
 
 async def test_a_transient_failure_is_released_with_the_delay_and_noted(make_rig: MakeRig) -> None:
