@@ -92,12 +92,10 @@ for path in sorted((root / "deploy" / "kubernetes").glob("*.yaml")):
     core = []
     for index, doc in enumerate(docs):
         api = str(doc.get("apiVersion", "")) if isinstance(doc, dict) else ""
-        if api.startswith("keda.sh/"):
-            target = work / "keda" / f"{path.stem}.{index}.{doc.get('kind')}.json"
-            target.write_text(json.dumps(doc), encoding="utf-8")
-        elif api.startswith("monitoring.coreos.com/"):
-            version = api.split("/", 1)[1]
-            target = work / "prometheus-operator" / f"{path.stem}.{index}.{doc.get('kind')}_{version}.json"
+        group, _, version = api.partition("/")
+        crds = {"keda.sh": "keda", "monitoring.coreos.com": "prometheus-operator"}
+        if group in crds:
+            target = work / crds[group] / f"{path.stem}.{index}.{doc.get('kind')}_{version}.json"
             target.write_text(json.dumps(doc), encoding="utf-8")
         else:
             core.append(doc)
@@ -132,45 +130,27 @@ k8s_validate() {
 }
 step "kubernetes-validate --strict (${k8s_versions[*]}): deploy/kubernetes" k8s_validate
 
-keda_validate() {
-    local file kind schema status=0 any=0
-    for file in "$work"/keda/*.json; do
+# crd_validate DIR GROUP: each object of that API group against deploy/schemas/DIR/<kind>_<version>.yaml
+crd_validate() {
+    local dir=$1 group=$2 file kind schema status=0 any=0
+    for file in "$work/$dir"/*.json; do
         [ -e "$file" ] || continue
         any=1
         kind=${file%.json}
         kind=${kind##*.}
-        schema="$schemas/keda/$(tr '[:upper:]' '[:lower:]' <<<"$kind")_v1alpha1.yaml"
+        schema="$schemas/$dir/$(tr '[:upper:]' '[:lower:]' <<<"$kind").yaml"
         if [ ! -f "$schema" ]; then
-            echo "  $(basename "$file"): no KEDA schema for $kind in deploy/schemas/keda" >&2
+            echo "  $(basename "$file"): no $dir schema for $kind in deploy/schemas/$dir" >&2
             status=1
             continue
         fi
         schema_check "$schema" "$file" || status=1
     done
-    [ "$any" -eq 1 ] || { echo "  deploy/kubernetes: no keda.sh objects" >&2; return 1; }
+    [ "$any" -eq 1 ] || { echo "  deploy/kubernetes: no $group objects" >&2; return 1; }
     return "$status"
 }
-step "KEDA CRD schema: ScaledObject, TriggerAuthentication" keda_validate
-
-prometheus_operator_validate() {
-    local file kind schema status=0 any=0
-    for file in "$work"/prometheus-operator/*.json; do
-        [ -e "$file" ] || continue
-        any=1
-        kind=${file%.json}
-        kind=${kind##*.}
-        schema="$schemas/prometheus-operator/$(tr '[:upper:]' '[:lower:]' <<<"$kind").yaml"
-        if [ ! -f "$schema" ]; then
-            echo "  $(basename "$file"): no prometheus-operator schema for $kind in deploy/schemas/prometheus-operator" >&2
-            status=1
-            continue
-        fi
-        schema_check "$schema" "$file" || status=1
-    done
-    [ "$any" -eq 1 ] || { echo "  deploy/kubernetes: no monitoring.coreos.com objects" >&2; return 1; }
-    return "$status"
-}
-step "prometheus-operator CRD schema: PodMonitor" prometheus_operator_validate
+step "KEDA CRD schema: ScaledObject, TriggerAuthentication" crd_validate keda keda.sh
+step "prometheus-operator CRD schema: PodMonitor" crd_validate prometheus-operator monitoring.coreos.com
 
 step "SaladCloud API schema: deploy/salad/container-group.json" \
     schema_check "$schemas/saladcloud/container-group-prototype.yaml" "$root/deploy/salad/container-group.json"
