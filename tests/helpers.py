@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from azure.core.exceptions import HttpResponseError
 
 from sidecar.config import Settings
 from sidecar.storage import Storage
@@ -144,3 +145,11 @@ async def standin_generating(url: str, requests: int = 2) -> bool:
     stats = await standin_call(url, "GET", "/standin/stats")
     progress = await standin_call(url, "GET", "/sdapi/v1/progress")
     return stats["requests"] >= requests and bool(progress["state"]["job"])
+
+
+def response_error(status: int, code: str) -> HttpResponseError:
+    """An error as azure-core raises it for an answer with this status and x-ms-error-code."""
+    error = HttpResponseError(message=f"{code} happened")
+    error.status_code = status
+    error.__dict__["error_code"] = code  # azure-core sets it from the answer's headers
+    return error

@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from azure.core.exceptions import HttpResponseError
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.errors import LeaseLost, StorageRefused
@@ -24,7 +23,7 @@ from sidecar.observability import A1111_ERROR_STATUSES, OUTCOMES, STAGES, BusyMe
 from sidecar.storage import Message, Storage
 from sidecar.storage.refusals import ERROR_CODES, error_label
 from tests.conftest import IN_CI
-from tests.helpers import WorkerProcess, standin_call, wait_until
+from tests.helpers import WorkerProcess, response_error, standin_call, wait_until
 
 JOB = {"prompt": "a lighthouse at dusk", "steps": 4, "width": 64, "height": 64}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -261,23 +260,16 @@ def test_buckets_reach_the_deadline() -> None:
     assert stage_buckets(50)[-1] == 300  # never fewer than the base list
 
 
-def _response_error(status: int, code: str) -> HttpResponseError:
-    error = HttpResponseError(message=f"{code} happened")
-    error.status_code = status
-    error.__dict__["error_code"] = code  # azure-core sets it from the answer's headers
-    return error
-
-
 @pytest.mark.parametrize(
     ("error", "label"),
     [
-        (_response_error(403, "AuthenticationFailed"), "AuthenticationFailed"),
-        (_response_error(404, "QueueNotFound"), "QueueNotFound"),
-        (_response_error(400, "InvalidQueryParameterValue"), "other"),  # open-ended: other
-        (_response_error(429, ""), "throttled"),
-        (_response_error(503, "ServerBusy"), "throttled"),
-        (_response_error(500, "OperationTimedOut"), "timeout"),
-        (_response_error(500, "InternalError"), "other"),
+        (response_error(403, "AuthenticationFailed"), "AuthenticationFailed"),
+        (response_error(404, "QueueNotFound"), "QueueNotFound"),
+        (response_error(400, "InvalidQueryParameterValue"), "other"),  # open-ended: other
+        (response_error(429, ""), "throttled"),
+        (response_error(503, "ServerBusy"), "throttled"),
+        (response_error(500, "OperationTimedOut"), "timeout"),
+        (response_error(500, "InternalError"), "other"),
         (aiohttp.ServerTimeoutError("read"), "timeout"),
         (aiohttp.ServerDisconnectedError(), "unreachable"),
         (ValueError("a bug"), "other"),

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import CredentialUnavailableError
 from azure.storage.queue import AccountSasPermissions, ResourceTypes, generate_account_sas
 from azure.storage.queue._generated.operations._operations import (
@@ -22,7 +22,7 @@ from sidecar.dev.devenv import free_port
 from sidecar.errors import ConfigError, LeaseLost, StorageRefused, StorageUnavailable
 from sidecar.storage import Storage, _child_url, classify
 from tests.conftest import run_cli
-from tests.helpers import queue_texts
+from tests.helpers import queue_texts, response_error
 
 # Pop receipts as Azure issues them: base64 of binary data, with "+", "/" and "=".
 AZURE_RECEIPTS = ["AgAAAAMAAAAAAAAAYUMWAIg+1gE=", "AgAAAAMAAAAAAAAA/+9f//8+1gE=", "a+b/c=="]
@@ -50,13 +50,6 @@ def test_the_hand_built_receive_is_the_sdks_and_keeps_a_sas_token_last() -> None
     assert dict(parse_qsl(urlsplit(ours).query))["sig"] == "a+b="
 
 
-def _response_error(status: int, code: str) -> HttpResponseError:
-    error = HttpResponseError(message=f"{code} happened")
-    error.status_code = status
-    error.__dict__["error_code"] = code  # azure-core sets it from the answer's headers
-    return error
-
-
 @pytest.mark.parametrize(
     ("status", "code", "words"),
     [
@@ -72,7 +65,7 @@ def test_refusals_retrying_cannot_fix_are_final_and_name_account_operation_and_c
     status: int, code: str, words: str
 ) -> None:
     mapped = classify(
-        _response_error(status, code), message_op=True, account="acct", operation="delete message m"
+        response_error(status, code), message_op=True, account="acct", operation="delete message m"
     )
     assert isinstance(mapped, StorageRefused)
     assert str(mapped).startswith(f"storage account acct refused delete message m: {status} {code}")
@@ -80,12 +73,12 @@ def test_refusals_retrying_cannot_fix_are_final_and_name_account_operation_and_c
 
 
 def test_lease_and_transient_answers_keep_their_classes() -> None:
-    assert isinstance(classify(_response_error(404, "MessageNotFound"), message_op=True), LeaseLost)
-    assert isinstance(classify(_response_error(400, "PopReceiptMismatch"), message_op=True), LeaseLost)
-    assert isinstance(classify(_response_error(503, "ServerBusy")), StorageUnavailable)
-    assert isinstance(classify(_response_error(429, "")), StorageUnavailable)
+    assert isinstance(classify(response_error(404, "MessageNotFound"), message_op=True), LeaseLost)
+    assert isinstance(classify(response_error(400, "PopReceiptMismatch"), message_op=True), LeaseLost)
+    assert isinstance(classify(response_error(503, "ServerBusy")), StorageUnavailable)
+    assert isinstance(classify(response_error(429, "")), StorageUnavailable)
     # A queue deleted under a held message is not "another consumer has it": it is final.
-    assert isinstance(classify(_response_error(404, "QueueNotFound"), message_op=True), StorageRefused)
+    assert isinstance(classify(response_error(404, "QueueNotFound"), message_op=True), StorageRefused)
 
 
 @pytest.mark.parametrize(
