@@ -140,3 +140,18 @@ async def test_a1111_refusing_the_credentials_mid_run_exits_1_and_loses_no_job()
     assert worker.stop.reason is StopReason.FATAL
     assert store.poisoned == [] and store.blobs == {}
     assert len(store.visible(QUEUE)) == 3  # all given back at once
+
+
+async def test_a_generator_that_dies_of_a_bug_stops_the_fetching_too() -> None:
+    """Not a FatalError (those abort): an exception nobody planned for kills the generation loop
+    itself. The fetch loop must not go on holding jobs for nobody: exit 1, the job given back."""
+    worker, store, _ = make_worker(policies(pipeline=PipelinePolicy(prefetch=1)))
+    add_jobs(store, 1)
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the hand-over to the finisher")
+
+    worker.finisher.start = broken  # type: ignore[method-assign]
+    assert await asyncio.wait_for(worker.run(), 30) == 1
+    assert worker.stop.reason is StopReason.UNEXPECTED
+    assert store.poisoned == [] and len(store.visible(QUEUE)) == 1
