@@ -151,7 +151,7 @@ async def test_a_generator_that_dies_of_a_bug_stops_the_fetching_too() -> None:
     async def broken(*args: object) -> None:
         raise RuntimeError("a bug in the hand-over to the finisher")
 
-    worker.finisher.start = broken  # type: ignore[method-assign]
+    worker.finisher.start = broken  # type: ignore[method-assign,assignment]
     assert await asyncio.wait_for(worker.run(), 30) == 1
     assert worker.stop.reason is StopReason.UNEXPECTED
     assert store.poisoned == [] and len(store.visible(QUEUE)) == 1
